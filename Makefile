@@ -1,0 +1,37 @@
+# Quick start: `make demo` runs the demo, `make test` runs the whole suite.
+# Each target creates .venv and installs what it needs on first use.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-quick bench lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,bench,sync]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+# The whole suite, soak tests included. Exit code 5 (no tests collected) is a failure.
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# Skips the long soak tests.
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -m 'not soak'
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py all --quick
+
+lint: $(STAMP)
+	$(PY) -m pip install --quiet mypy ruff
+	$(PY) -m ruff check localstore sync tests benchmarks examples
+	$(PY) -m mypy localstore sync
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .mypy_cache

@@ -1,0 +1,74 @@
+"""localstore: an embedded, local-first storage engine for AI-agent experiments.
+
+Every agent gets its own WAL-mode SQLite file holding its collections and a
+change log; a central PostgreSQL is optional.
+
+    import localstore as ls
+    store = ls.open("data/kernel-7.db")
+    kernels = store.collection("kernels", key="kernel_id", fields={
+        "kernel_id": ls.Text(), "phi": ls.Real(index=True), "basin": ls.Vector(64),
+    })
+    kernels.put({"kernel_id": "k1", "phi": 0.8, "basin": [0.0] * 64})
+"""
+
+from .changelog import Change, ChangeLog
+from .collection import Collection
+from .errors import (
+    BackupError,
+    ChangeLogError,
+    CorruptStoreError,
+    InvalidNameError,
+    LocalStoreError,
+    NotAStoreError,
+    NotYetSupportedError,
+    QueryError,
+    ReadOnlyStoreError,
+    SchemaError,
+    StoreBusyError,
+    StoreClosedError,
+    StoreOpenError,
+    UnknownCollectionError,
+    ValidationError,
+)
+from .fields import Array, Blob, Boolean, Field, Integer, Json, Real, Text, Vector
+from .maintenance import StoreStats, VerifyReport
+from .store import Store, open
+from .workspace import Workspace
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "open",
+    "Store",
+    "Workspace",
+    "Collection",
+    "Change",
+    "ChangeLog",
+    "VerifyReport",
+    "StoreStats",
+    "Field",
+    "Text",
+    "Integer",
+    "Real",
+    "Boolean",
+    "Json",
+    "Blob",
+    "Array",
+    "Vector",
+    "LocalStoreError",
+    "StoreOpenError",
+    "NotAStoreError",
+    "CorruptStoreError",
+    "StoreClosedError",
+    "StoreBusyError",
+    "ReadOnlyStoreError",
+    "SchemaError",
+    "InvalidNameError",
+    "UnknownCollectionError",
+    "NotYetSupportedError",
+    "ValidationError",
+    "QueryError",
+    "ChangeLogError",
+    "BackupError",
+    "__version__",
+]

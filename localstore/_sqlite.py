@@ -1,0 +1,183 @@
+"""Connection set-up and the apsw error boundary.
+
+Set-up is a list of small named steps (after ``apsw.bestpractice``), applied in
+order by ``connect``. ``translate`` turns apsw exceptions into localstore ones, so
+no raw apsw error (and no bare "database is locked") reaches a caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import apsw
+import sqlite_vec
+
+from .errors import (
+    CorruptStoreError,
+    LocalStoreError,
+    NotAStoreError,
+    ReadOnlyStoreError,
+    StoreBusyError,
+    StoreOpenError,
+)
+
+#: How long one SQLite call waits on another connection's lock, in milliseconds.
+#: 0 would fail at once on any contention.
+DEFAULT_BUSY_TIMEOUT_MS = 5_000
+
+#: How long a write transaction keeps retrying to begin while other writers hold
+#: the store, in seconds, on top of SQLite's own busy wait. 0 means no retries.
+DEFAULT_BUSY_DEADLINE_S = 60.0
+
+#: The page cache per connection, in KiB (SQLite's negative ``cache_size``).
+DEFAULT_CACHE_KIB = 32_768
+
+DURABILITY = {"normal": "NORMAL", "full": "FULL"}
+
+T = TypeVar("T")
+
+
+def _step_busy_timeout(conn: apsw.Connection, opts: dict[str, object]) -> None:
+    conn.set_busy_timeout(int(opts.get("busy_timeout_ms", DEFAULT_BUSY_TIMEOUT_MS)))  # type: ignore[call-overload]
+
+
+def _step_wal(conn: apsw.Connection, opts: dict[str, object]) -> None:
+    mode = conn.execute("PRAGMA journal_mode").fetchall()[0][0]
+    if str(mode).lower() != "wal":
+        conn.execute("PRAGMA journal_mode=WAL").fetchall()
+
+
+def _step_synchronous(conn: apsw.Connection, opts: dict[str, object]) -> None:
+    conn.execute(f"PRAGMA synchronous={DURABILITY[str(opts.get('durability', 'normal'))]}")
+
+
+def _step_foreign_keys(conn: apsw.Connection, opts: dict[str, object]) -> None:
+    conn.execute("PRAGMA foreign_keys=ON")
+
+
+def _step_cache(conn: apsw.Connection, opts: dict[str, object]) -> None:
+    conn.execute(f"PRAGMA cache_size=-{DEFAULT_CACHE_KIB}; PRAGMA temp_store=MEMORY")
+
+
+def _step_sqlite_vec(conn: apsw.Connection, opts: dict[str, object]) -> None:
+    conn.enable_load_extension(True)
+    conn.load_extension(sqlite_vec.loadable_path())
+    conn.enable_load_extension(False)
+
+
+#: The set-up steps, in order. WAL comes after the busy timeout so that switching
+#: journal mode waits for other connections instead of failing.
+SETUP_STEPS: list[Callable[[apsw.Connection, dict[str, object]], None]] = [
+    _step_busy_timeout,
+    _step_wal,
+    _step_synchronous,
+    _step_foreign_keys,
+    _step_cache,
+    _step_sqlite_vec,
+]
+
+
+def create_private_file(path: str) -> bool:
+    """Create ``path`` empty with mode 0600 if it does not exist; return whether it was created.
+
+    SQLite gives the -wal and -shm files the main file's permissions, so creating
+    the main file 0600 ourselves makes all three private.
+    """
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        return False
+    except PermissionError as exc:
+        raise ReadOnlyStoreError(f"cannot create store {path}: {exc.strerror}; check the folder's permissions") from None
+    except FileNotFoundError:
+        raise StoreOpenError(f"cannot create store {path}: its folder does not exist") from None
+    os.close(fd)
+    return True
+
+
+def connect(path: str, *, durability: str = "normal", busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS) -> apsw.Connection:
+    """Open an apsw connection to ``path`` and apply every set-up step."""
+    opts: dict[str, object] = {"durability": durability, "busy_timeout_ms": busy_timeout_ms}
+    flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE | apsw.SQLITE_OPEN_NOFOLLOW
+    try:
+        conn = apsw.Connection(path, flags=flags)
+    except apsw.Error as exc:
+        raise translate(exc, path) from None
+    try:
+        for step in SETUP_STEPS:
+            retry_busy(lambda: step(conn, opts), path=path)
+    except apsw.Error as exc:
+        conn.close()
+        raise translate(exc, path) from None
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def translate(exc: BaseException, store: str, action: str = "") -> LocalStoreError:
+    """Map an apsw exception to the matching localstore error, with the store named."""
+    doing = f" while {action}" if action else ""
+    if isinstance(exc, LocalStoreError):
+        return exc
+    if isinstance(exc, apsw.NotADBError):
+        return NotAStoreError(
+            f"{store} is not a SQLite database (or is encrypted by another tool){doing}; "
+            "it was left untouched. Point localstore at a store file or a new path"
+        )
+    if isinstance(exc, apsw.CorruptError):
+        return CorruptStoreError(
+            f"{store} is damaged ({exc}){doing}; restore it from a backup (store.backup) "
+            "or from the central Postgres (localstore restore)"
+        )
+    if isinstance(exc, (apsw.BusyError, apsw.LockedError)):
+        return StoreBusyError(
+            f"{store} stayed locked by another writer{doing} beyond the busy timeout; "
+            "retry, or raise busy_timeout_ms / shorten the other process's transactions"
+        )
+    if isinstance(exc, apsw.ReadOnlyError):
+        return ReadOnlyStoreError(f"{store} cannot be written{doing}: {exc}; check file and folder permissions")
+    if isinstance(exc, (apsw.CantOpenError, apsw.PermError, apsw.AuthError)):
+        return StoreOpenError(f"cannot open {store}{doing}: {exc}; check that the path and its folder are accessible")
+    if isinstance(exc, apsw.FullError):
+        return LocalStoreError(f"{store}: the disk is full{doing}; free space and retry (nothing was committed)")
+    if isinstance(exc, apsw.IOError):
+        return LocalStoreError(f"{store}: I/O error{doing} ({exc}); check the disk, then run store.verify()")
+    return LocalStoreError(f"{store}: SQLite error{doing}: {exc}")
+
+
+def retry_busy(fn: Callable[[], T], *, path: str, deadline_s: float = DEFAULT_BUSY_DEADLINE_S) -> T:
+    """Call ``fn``, retrying with jittered backoff while SQLite reports the store busy.
+
+    SQLite's busy handler already waits ``busy_timeout``; this covers the cases it
+    does not (a lock upgrade, WAL recovery by another process) and long waits.
+    """
+    start = time.monotonic()
+    pause = 0.001
+    while True:
+        try:
+            return fn()
+        except (apsw.BusyError, apsw.LockedError) as exc:
+            if time.monotonic() - start >= deadline_s:
+                raise translate(exc, path) from None
+            time.sleep(pause * (0.5 + random.random()))
+            pause = min(pause * 2, 0.1)
+
+
+@contextlib.contextmanager
+def boundary(store: str, action: str = "") -> Iterator[None]:
+    """Re-raise any apsw error inside the block as a localstore error."""
+    try:
+        yield
+    except apsw.Error as exc:
+        raise translate(exc, store, action) from None
+
+
+def quote(identifier: str) -> str:
+    """Quote an already-validated identifier for SQL."""
+    return '"' + identifier.replace('"', '""') + '"'

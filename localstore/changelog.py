@@ -1,0 +1,205 @@
+"""The change log: what the sync engine reads, acknowledges and prunes.
+
+Every write through the API appends one record per row in the same SQLite
+transaction: the per-store ``seq`` (strictly increasing), an HLC timestamp, the
+collection, the key, the operation, and the row as stored. Reads of the log run
+in one read transaction, so a batch is a consistent snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from .collection import OP_NAMES, OP_PUT
+from .errors import ChangeLogError
+
+if TYPE_CHECKING:
+    from .store import Store
+
+#: Most changes returned by one ``changes()`` call. 0 is not allowed.
+DEFAULT_BATCH_ROWS = 5_000
+
+#: Soft cap on the payload bytes of one batch; a batch always holds at least one change.
+DEFAULT_BATCH_BYTES = 8 * 1024 * 1024
+
+#: Acknowledged changes kept by ``prune()`` as local history. 0 keeps none.
+DEFAULT_KEEP_HISTORY = 10_000
+
+
+@dataclass(frozen=True)
+class Change:
+    """One record of the change log.
+
+    ``payload`` maps each field to its value as stored (encoded: JSON as text,
+    arrays and vectors as bytes); ``Collection.decode_payload`` turns it back into
+    Python values. It is None for deletes.
+    """
+
+    seq: int
+    hlc: int
+    collection: str
+    key: Any
+    op: str
+    payload: dict[str, Any] | None
+    size: int = 0
+
+
+class ChangeLog:
+    """A store's change log API: read after a seq, acknowledge, prune. Get it as ``store.changelog``."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    @property
+    def store_id(self) -> str:
+        """The id of the store the log belongs to."""
+        return self.store.id
+
+    def last_seq(self) -> int:
+        """The highest seq ever written (0 if none); pruning does not lower it."""
+        return int(self.store._run(
+            lambda db: db.execute("SELECT coalesce((SELECT value FROM _ls_meta WHERE key='last_seq'), 0)").fetchone()[0],
+            "reading the change log",
+        ))
+
+    def watermark(self) -> int:
+        """The highest seq that the central store has acknowledged (0 if none)."""
+        return int(self.store._run(
+            lambda db: db.execute("SELECT coalesce((SELECT value FROM _ls_meta WHERE key='watermark'), 0)").fetchone()[0],
+            "reading the watermark",
+        ))
+
+    def pending(self) -> int:
+        """The number of changes not yet acknowledged."""
+        return int(self.store._run(
+            lambda db: db.execute(
+                "SELECT count(*) FROM _ls_changes WHERE seq > coalesce((SELECT value FROM _ls_meta WHERE key='watermark'), 0)"
+            ).fetchone()[0],
+            "counting pending changes",
+        ))
+
+    def changes(
+        self,
+        after: int = 0,
+        *,
+        limit: int = DEFAULT_BATCH_ROWS,
+        max_bytes: int = DEFAULT_BATCH_BYTES,
+    ) -> list[Change]:
+        """Changes with seq greater than ``after``, in seq order, bounded by ``limit`` rows and ``max_bytes``."""
+        if not isinstance(after, int) or after < 0:
+            raise ChangeLogError(f"after must be a non-negative int, got {after!r}")
+        if not isinstance(limit, int) or limit < 1:
+            raise ChangeLogError(f"limit must be a positive int, got {limit!r}")
+        store = self.store
+
+        def read(db: Any) -> list[Change]:
+            if store.in_transaction:
+                return self._read_batch(db, after, limit, max_bytes)
+            db.execute("BEGIN")
+            try:
+                return self._read_batch(db, after, limit, max_bytes)
+            finally:
+                db.execute("COMMIT")
+
+        result: list[Change] = store._run(read, "reading the change log")
+        return result
+
+    def _read_batch(self, db: Any, after: int, limit: int, max_bytes: int) -> list[Change]:
+        names = {cid: name for cid, name in db.execute("SELECT id, name FROM _ls_collections")}
+        records = db.execute(
+            "SELECT seq, hlc, coll, key, op, payload, length(payload) FROM _ls_changes WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, limit),
+        ).fetchall()
+        # Records still by reference: the row as currently stored is their payload.
+        by_ref: dict[int, list[Any]] = {}
+        for seq, _hlc, coll, key, op, payload, _n in records:
+            if op == OP_PUT and payload is None:
+                by_ref.setdefault(coll, []).append(key)
+        current: dict[tuple[int, Any], tuple[int, bytes]] = {}
+        for coll, keys in by_ref.items():
+            collection = self.store.collection(names[coll])
+            sql = (
+                f"SELECT {collection._schema.table}.{_q(collection.key)}, _ls_seq, {collection._sql_pack} "
+                f"FROM {collection._schema.table} WHERE {_q(collection.key)} IN (SELECT value FROM json_each(?))"
+            )
+            for key, row_seq, packed in db.execute(sql, (json.dumps(keys),)):
+                current[(coll, key)] = (row_seq, packed)
+        out: list[Change] = []
+        total = 0
+        for seq, hlc, coll, key, op, payload, size in records:
+            if op == OP_PUT and payload is None:
+                found = current.get((coll, key))
+                if found is None or found[0] != seq:
+                    raise ChangeLogError(
+                        f"store {self.store.path}: change {seq} ({names.get(coll)!r}, key {key!r}) refers to a row "
+                        "that no longer holds it; the file was changed outside localstore. Run store.verify()"
+                    )
+                payload = found[1]
+                size = len(payload)
+            size = size or 0
+            if out and total + size > max_bytes:
+                break
+            total += size
+            out.append(Change(
+                seq=seq,
+                hlc=hlc,
+                collection=names.get(coll, f"#{coll}"),
+                key=key,
+                op=OP_NAMES.get(op, str(op)),
+                payload=None if payload is None or op != OP_PUT else msgpack.unpackb(payload, raw=False),
+                size=size,
+            ))
+        return out
+
+    def ack(self, seq: int) -> int:
+        """Record that the central store has committed every change up to ``seq``; return the watermark.
+
+        The watermark never moves backwards: acknowledging an older seq is a no-op.
+        """
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+            raise ChangeLogError(f"ack takes a non-negative int seq, got {seq!r}")
+        store = self.store
+        with store.transaction():
+            db = store._db
+            last = db.execute("SELECT coalesce((SELECT value FROM _ls_meta WHERE key='last_seq'), 0)").fetchone()[0]
+            if seq > last:
+                raise ChangeLogError(f"store {store.path}: cannot acknowledge seq {seq}; the last seq written is {last}")
+            db.execute(
+                "INSERT INTO _ls_meta(key, value) VALUES('watermark', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
+                (seq,),
+            )
+            return int(db.execute("SELECT value FROM _ls_meta WHERE key='watermark'").fetchone()[0])
+
+    def prune(self, keep: int = DEFAULT_KEEP_HISTORY) -> int:
+        """Delete acknowledged changes, keeping the newest ``keep`` of them as history; return the count deleted."""
+        if not isinstance(keep, int) or keep < 0:
+            raise ChangeLogError(f"keep must be a non-negative int, got {keep!r}")
+        store = self.store
+        with store.transaction():
+            db = store._db
+            watermark = int(db.execute("SELECT coalesce((SELECT value FROM _ls_meta WHERE key='watermark'), 0)").fetchone()[0])
+            cutoff = watermark - keep
+            if cutoff <= 0:
+                return 0
+            floor = db.execute("SELECT max(hlc) FROM _ls_changes WHERE seq <= ?", (cutoff,)).fetchone()[0]
+            if floor is None:
+                return 0
+            # Keep the clock's position: the newest pruned HLC becomes a floor for the next write.
+            db.execute(
+                "INSERT INTO _ls_meta(key, value) VALUES('hlc_floor', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
+                (floor,),
+            )
+            db.execute("DELETE FROM _ls_changes WHERE seq <= ?", (cutoff,))
+            return int(db.changes())
+
+
+def _q(name: str) -> str:
+    from ._sqlite import quote
+
+    return quote(name)

@@ -1,0 +1,366 @@
+"""Field types: what a collection's columns hold, how values are checked, stored and read back.
+
+Each field type validates a Python value and turns it into what SQLite stores
+(``encode``), and turns the stored value back (``decode``). Errors name the
+collection and field, say what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .errors import NotYetSupportedError, SchemaError, ValidationError
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+#: Options accepted by every field type. The ones in ``_PENDING_OPTIONS`` are declared
+#: now and implemented by later work; asking for them raises ``NotYetSupportedError``.
+_PENDING_OPTIONS = ("encrypt", "compress", "filter", "fulltext")
+
+#: Vector metrics a ``Vector`` field may declare.
+VECTOR_METRICS = ("cosine", "l2", "l1", "fisher_rao")
+
+_MISSING: Any = object()
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+class Field:
+    """A column of a collection: a type plus options.
+
+    Options (all keyword-only):
+      index: keep a SQLite index on the column for fast ``find``.
+      nullable: whether None (or a missing value) is allowed; default True.
+      default: the value used when a row leaves the field out (JSON-representable).
+      encrypt, compress, filter, fulltext: declared here, implemented by later issues.
+    """
+
+    type_name: ClassVar[str] = "Field"
+    sql_type: ClassVar[str] = ""
+    #: Whether the column can be used in ``where`` and ``order_by``.
+    comparable: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        *,
+        index: bool = False,
+        nullable: bool = True,
+        default: Any = None,
+        encrypt: bool = False,
+        compress: bool = False,
+        filter: bool = False,  # noqa: A002 - the public option name
+        fulltext: bool = False,
+    ) -> None:
+        self.name = ""
+        self.collection = ""
+        self.index = bool(index)
+        self.nullable = bool(nullable)
+        self.encrypt = bool(encrypt)
+        self.compress = bool(compress)
+        self.filter = bool(filter)
+        self.fulltext = bool(fulltext)
+        self.default = default
+
+    # -- declaration --------------------------------------------------------------
+
+    def bind(self, collection: str, name: str) -> Field:
+        """Return a copy of this field attached to a collection under a name, with its options checked."""
+        field = self._copy()
+        field.collection, field.name = collection, name
+        for option in _PENDING_OPTIONS:
+            if getattr(field, option):
+                raise NotYetSupportedError(
+                    f"{collection}.{name}: the {option}=True option is declared but not implemented "
+                    f"in this version of localstore; remove it for now"
+                )
+        if field.default is not None:
+            try:
+                field.encode(field.default)
+                json.dumps(field.default)
+            except (ValidationError, TypeError, ValueError) as exc:
+                raise SchemaError(
+                    f"{collection}.{name}: default {field.default!r} is not a valid "
+                    f"JSON-representable {field.type_name} value ({exc})"
+                ) from None
+        return field
+
+    def _copy(self) -> Field:
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        return clone
+
+    def spec(self) -> dict[str, Any]:
+        """Return the JSON-serialisable description kept in the store file."""
+        out: dict[str, Any] = {"type": self.type_name}
+        for option in ("index", "encrypt", "compress", "filter", "fulltext"):
+            if getattr(self, option):
+                out[option] = True
+        if not self.nullable:
+            out["nullable"] = False
+        if self.default is not None:
+            out["default"] = self.default
+        out.update(self._extra_spec())
+        return out
+
+    def _extra_spec(self) -> dict[str, Any]:
+        return {}
+
+    @staticmethod
+    def from_spec(spec: dict[str, Any]) -> Field:
+        """Rebuild a field from the description kept in the store file."""
+        spec = dict(spec)
+        cls = FIELD_TYPES.get(spec.pop("type", ""))
+        if cls is None:
+            raise SchemaError(f"unknown field type in stored schema: {spec!r}")
+        return cls._from_spec(spec)
+
+    @classmethod
+    def _from_spec(cls, spec: dict[str, Any]) -> Field:
+        return cls(**spec)
+
+    def incompatible_with(self, stored: Field) -> str | None:
+        """Say why this declaration cannot replace the stored one, or return None if it can."""
+        if self.spec_core() != stored.spec_core():
+            return f"declared as {self.describe()}, but the store has {stored.describe()}"
+        return None
+
+    def spec_core(self) -> dict[str, Any]:
+        """The parts of the spec that cannot change once data exists."""
+        spec = self.spec()
+        spec.pop("index", None)
+        spec.pop("default", None)
+        return spec
+
+    def describe(self) -> str:
+        """A short human description, such as ``Vector(64, metric='cosine', nullable=False)``."""
+        spec = self.spec()
+        kind = spec.pop("type")
+        args = ", ".join(f"{k}={v!r}" for k, v in spec.items())
+        return f"{kind}({args})"
+
+    def __repr__(self) -> str:
+        return self.describe()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Field) and self.spec() == other.spec()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    # -- values -------------------------------------------------------------------
+
+    def _fail(self, expected: str, value: Any) -> ValidationError:
+        where = f"{self.collection}.{self.name}" if self.name else self.type_name
+        return ValidationError(f"{where}: expected {expected}, got {_describe(value)}")
+
+    def encode(self, value: Any) -> Any:
+        """Check a non-None Python value and return what SQLite stores."""
+        raise NotImplementedError
+
+    def decode(self, stored: Any) -> Any:
+        """Turn a stored non-None value back into the Python value."""
+        return stored
+
+
+class Text(Field):
+    """A unicode string (SQLite TEXT)."""
+
+    type_name = "Text"
+    sql_type = "TEXT"
+
+    def encode(self, value: Any) -> Any:
+        if type(value) is str or isinstance(value, str):
+            return value
+        raise self._fail("a str", value)
+
+
+class Integer(Field):
+    """A 64-bit signed integer (SQLite INTEGER)."""
+
+    type_name = "Integer"
+    sql_type = "INTEGER"
+
+    def encode(self, value: Any) -> Any:
+        if type(value) is int or (isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))):
+            value = int(value)
+            if _INT64_MIN <= value <= _INT64_MAX:
+                return value
+            raise self._fail("an integer within 64 bits", value)
+        raise self._fail("an int", value)
+
+
+class Real(Field):
+    """A 64-bit float (SQLite REAL). NaN is refused: SQLite would store it as NULL."""
+
+    type_name = "Real"
+    sql_type = "REAL"
+
+    def encode(self, value: Any) -> Any:
+        if type(value) is float or (
+            isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+        ):
+            value = float(value)
+            if value != value:
+                raise self._fail("a number (NaN cannot be stored; use None)", value)
+            return value
+        raise self._fail("a float or int", value)
+
+
+class Boolean(Field):
+    """True or False, stored as SQLite INTEGER 0 or 1."""
+
+    type_name = "Boolean"
+    sql_type = "INTEGER"
+
+    def encode(self, value: Any) -> Any:
+        if isinstance(value, (bool, np.bool_)):
+            return 1 if value else 0
+        raise self._fail("a bool", value)
+
+    def decode(self, stored: Any) -> Any:
+        return bool(stored)
+
+
+class Json(Field):
+    """Any JSON-representable value (dict, list, str, number, bool), stored as compact JSON text."""
+
+    type_name = "Json"
+    sql_type = "TEXT"
+    comparable = False
+
+    def encode(self, value: Any) -> Any:
+        try:
+            return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise self._fail(f"a JSON-representable value ({exc})", value) from None
+
+    def decode(self, stored: Any) -> Any:
+        return json.loads(stored)
+
+
+class Blob(Field):
+    """Raw bytes (SQLite BLOB)."""
+
+    type_name = "Blob"
+    sql_type = "BLOB"
+    comparable = False
+
+    def encode(self, value: Any) -> Any:
+        if isinstance(value, bytes):
+            return value
+        if isinstance(value, (bytearray, memoryview)):
+            return bytes(value)
+        raise self._fail("bytes", value)
+
+
+# Array layout: magic, version, header length, ASCII header "dtype|d0,d1,...", then the
+# C-ordered data. The dtype string (e.g. "<f4") keeps byte order, so reads are exact.
+_ARRAY_MAGIC = b"LSA\x01"
+_ARRAY_HEAD = struct.Struct("<4sH")
+
+
+class Array(Field):
+    """A numpy array of any plain dtype and shape; dtype and shape come back exactly."""
+
+    type_name = "Array"
+    sql_type = "BLOB"
+    comparable = False
+
+    def encode(self, value: Any) -> Any:
+        if not isinstance(value, np.ndarray):
+            raise self._fail("a numpy.ndarray", value)
+        if value.dtype.kind in "OV" or value.dtype.fields is not None:
+            raise self._fail("an array of a plain dtype (not object or structured)", value)
+        header = f"{value.dtype.str}|{','.join(map(str, value.shape))}".encode("ascii")
+        return _ARRAY_HEAD.pack(_ARRAY_MAGIC, len(header)) + header + np.ascontiguousarray(value).tobytes()
+
+    def decode(self, stored: Any) -> Any:
+        return decode_array(stored)
+
+
+def decode_array(stored: bytes) -> np.ndarray:
+    """Turn bytes written by ``Array.encode`` back into a writable numpy array."""
+    magic, length = _ARRAY_HEAD.unpack_from(stored)
+    if magic != _ARRAY_MAGIC:
+        raise ValidationError("stored value is not a localstore array (bad header)")
+    start = _ARRAY_HEAD.size
+    dtype_str, _, shape_str = stored[start : start + length].decode("ascii").partition("|")
+    shape = tuple(int(part) for part in shape_str.split(",") if part)
+    data = np.frombuffer(stored, dtype=np.dtype(dtype_str), offset=start + length)
+    return data.reshape(shape).copy()
+
+
+class Vector(Field):
+    """A fixed-size float32 vector (e.g. a basin coordinate or an embedding).
+
+    Accepts any 1-D sequence of finite numbers of length ``dim``; stores it as
+    float32 little-endian, the layout sqlite-vec reads; returns a numpy float32 array.
+    """
+
+    type_name = "Vector"
+    sql_type = "BLOB"
+    comparable = False
+
+    def __init__(self, dim: int, metric: str = "cosine", **options: Any) -> None:
+        super().__init__(**options)
+        if not isinstance(dim, int) or isinstance(dim, bool) or not 1 <= dim <= 8192:
+            raise SchemaError(f"Vector dim must be an int between 1 and 8192, got {dim!r}")
+        if metric not in VECTOR_METRICS:
+            raise SchemaError(f"Vector metric must be one of {', '.join(VECTOR_METRICS)}; got {metric!r}")
+        self.dim = dim
+        self.metric = metric
+
+    def _extra_spec(self) -> dict[str, Any]:
+        return {"dim": self.dim, "metric": self.metric}
+
+    @classmethod
+    def _from_spec(cls, spec: dict[str, Any]) -> Field:
+        return cls(spec.pop("dim"), spec.pop("metric", "cosine"), **spec)
+
+    def as_float32(self, value: Any) -> np.ndarray:
+        """Validate a vector and return it as a 1-D float32 array of ``dim`` finite values."""
+        if isinstance(value, (str, bytes)) or value is None:
+            raise self._fail(f"a sequence of {self.dim} numbers", value)
+        try:
+            array = np.asarray(value)
+        except (TypeError, ValueError):
+            raise self._fail(f"a sequence of {self.dim} numbers", value) from None
+        if array.dtype.kind not in "biuf":
+            raise self._fail(f"{self.dim} real numbers (dtype {array.dtype} cannot be cast safely)", value)
+        if array.ndim != 1:
+            raise self._fail(f"a 1-D vector of {self.dim} numbers, not shape {array.shape}", value)
+        if array.shape[0] != self.dim:
+            raise self._fail(f"a vector of dimension {self.dim}, not {array.shape[0]}", value)
+        with np.errstate(over="ignore"):
+            out = array.astype("<f4", copy=False)
+        if not np.isfinite(out).all():
+            raise self._fail("finite values (NaN or inf found, or a value beyond float32 range)", value)
+        return out
+
+    def encode(self, value: Any) -> Any:
+        return self.as_float32(value).tobytes()
+
+    def decode(self, stored: Any) -> Any:
+        return np.frombuffer(stored, dtype="<f4").copy()
+
+
+FIELD_TYPES: dict[str, type[Field]] = {
+    cls.type_name: cls for cls in (Text, Integer, Real, Boolean, Json, Blob, Array, Vector)
+}
+
+#: Field types a collection key may have.
+KEY_TYPES = (Text, Integer)
+
+
+def is_finite_number(value: Any) -> bool:
+    """Whether a value is an int or float that is not NaN or infinite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

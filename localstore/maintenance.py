@@ -1,0 +1,293 @@
+"""Store maintenance: online backup, verification, optimize/vacuum, TTL expiry and stats."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import apsw
+
+from . import clock, schema as schema_mod
+from ._sqlite import boundary, create_private_file, quote, retry_busy, translate
+from .collection import OP_DELETE, OP_PUT
+from .errors import BackupError, LocalStoreError
+
+if TYPE_CHECKING:
+    from .store import Store
+
+#: Pages copied per backup step; between steps the progress callback runs.
+DEFAULT_BACKUP_PAGES = 4096
+
+#: Rows deleted per statement by ``expire()``.
+DEFAULT_EXPIRE_BATCH = 5_000
+
+
+def backup(store: Store, path: str, *, progress: Callable[[int, int], Any] | None = None) -> str:
+    """Copy the store to ``path`` through the SQLite backup API, consistently, while writers run.
+
+    The copy is written to a temporary file (mode 0600) and renamed into place,
+    so ``path`` is either the old file or a complete backup. It holds a committed
+    prefix of the store's history: the state as of one transaction boundary.
+    ``progress(done_pages, total_pages)`` is called as pages are copied.
+    """
+    path = os.fspath(path)
+    if os.path.abspath(path) == os.path.abspath(store.path):
+        raise BackupError(f"backup target {path} is the store itself; choose another path")
+    if os.path.isdir(path):
+        raise BackupError(f"backup target {path} is a directory; give a file path such as {path}/copy.db")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp + suffix)
+    try:
+        create_private_file(tmp)
+    except LocalStoreError as exc:
+        raise BackupError(f"cannot write backup {path}: {exc}") from None
+    try:
+        with store._lock:
+            source = store._db
+            dest = apsw.Connection(tmp)
+            try:
+                with boundary(store.path, "taking a backup"):
+                    # One step copies everything under one read snapshot: writers in
+                    # other processes carry on (WAL) and the copy is consistent.
+                    with dest.backup("main", source, "main") as job:
+                        retry_busy(lambda: job.step(-1), path=store.path)
+                        if progress is not None:
+                            progress(job.page_count, job.page_count)
+                    dest.execute("PRAGMA journal_mode=DELETE")
+            finally:
+                dest.close()
+        os.replace(tmp, path)
+    except BaseException:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp + suffix)
+        raise
+    return path
+
+
+@dataclass
+class VerifyReport:
+    """The result of ``store.verify()``: ``ok`` is True when ``problems`` is empty."""
+
+    path: str
+    store_id: str
+    integrity: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    collections: dict[str, int] = field(default_factory=dict)
+    changes: int = 0
+    last_seq: int = 0
+    watermark: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """Whether every check passed."""
+        return not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report as a JSON-serialisable dict."""
+        return {
+            "path": self.path, "store_id": self.store_id, "ok": self.ok, "integrity": self.integrity,
+            "problems": self.problems, "collections": self.collections, "changes": self.changes,
+            "last_seq": self.last_seq, "watermark": self.watermark,
+        }
+
+    def __str__(self) -> str:
+        lines = [f"{self.path}: {'ok' if self.ok else 'PROBLEMS FOUND'}"]
+        lines += [f"  - {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+def verify(store: Store) -> VerifyReport:
+    """Run ``integrity_check`` and check schemas and the change log against the rows."""
+    with store._lock, boundary(store.path, "verifying"):
+        db = store._db
+        report = VerifyReport(store.path, store.id)
+        db.execute("BEGIN")
+        try:
+            _verify_in_snapshot(store, db, report)
+        finally:
+            db.execute("COMMIT")
+        return report
+
+
+def _verify_in_snapshot(store: Store, db: apsw.Connection, report: VerifyReport) -> None:
+    report.integrity = [str(r[0]) for r in db.execute("PRAGMA integrity_check")]
+    if report.integrity != ["ok"]:
+        report.problems += [f"integrity_check: {line}" for line in report.integrity]
+    fk = db.execute("PRAGMA foreign_key_check").fetchall()
+    if fk:
+        report.problems.append(f"foreign_key_check found {len(fk)} violations")
+    report.last_seq = int(db.execute("SELECT coalesce((SELECT value FROM _ls_meta WHERE key='last_seq'), 0)").fetchone()[0])
+    report.watermark = int(db.execute("SELECT coalesce((SELECT value FROM _ls_meta WHERE key='watermark'), 0)").fetchone()[0])
+    report.changes = int(db.execute("SELECT count(*) FROM _ls_changes").fetchone()[0])
+    if report.watermark > report.last_seq:
+        report.problems.append(f"watermark {report.watermark} is beyond the last seq {report.last_seq}")
+    max_seq = db.execute("SELECT max(seq) FROM _ls_changes").fetchone()[0]
+    if max_seq is not None and max_seq > report.last_seq:
+        report.problems.append(f"change seq {max_seq} is beyond the sequence counter {report.last_seq}")
+    bad_hlc = db.execute(
+        "SELECT count(*) FROM (SELECT hlc, lag(hlc) OVER (ORDER BY seq) AS prev FROM _ls_changes) WHERE hlc <= prev"
+    ).fetchone()[0]
+    if bad_hlc:
+        report.problems.append(f"{bad_hlc} change records have an HLC not above their predecessor's")
+    known = set()
+    for name in schema_mod.list_collections(db):
+        sch = schema_mod.load_schema(db, name)
+        if sch is None:
+            report.problems.append(f"collection {name!r} cannot be loaded")
+            continue
+        known.add(sch.id)
+        _verify_collection(db, sch, report)
+    orphans = db.execute(
+        f"SELECT count(*) FROM _ls_changes WHERE coll NOT IN ({','.join(map(str, known)) or 'NULL'})"
+    ).fetchone()[0]
+    if orphans:
+        report.problems.append(f"{orphans} change records name no known collection")
+
+
+def _verify_collection(db: apsw.Connection, sch: schema_mod.CollectionSchema, report: VerifyReport) -> None:
+    table = sch.table
+    exists = db.execute("SELECT 1 FROM sqlite_schema WHERE type='table' AND name=?", (sch.name,)).fetchone()
+    if not exists:
+        report.problems.append(f"collection {sch.name!r}: its table is missing")
+        return
+    columns = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+    missing = [c for c in (*sch.fields, *schema_mod.SYSTEM_COLUMNS) if c not in columns]
+    if missing:
+        report.problems.append(f"collection {sch.name!r}: columns missing from its table: {', '.join(missing)}")
+        return
+    report.collections[sch.name] = int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+    key = quote(sch.key)
+    if not sch.sync:
+        return
+    # Every row's last change is a put of that key (unless that record was pruned).
+    floor = db.execute("SELECT coalesce(min(seq), 0) FROM _ls_changes").fetchone()[0]
+    bad_rows = db.execute(
+        f"SELECT count(*) FROM {table} t WHERE t._ls_seq IS NULL OR (t._ls_seq >= ? AND NOT EXISTS ("
+        f"SELECT 1 FROM _ls_changes c WHERE c.seq = t._ls_seq AND c.coll = ? AND c.key = t.{key} AND c.op = {OP_PUT}))",
+        (floor, sch.id),
+    ).fetchone()[0]
+    if bad_rows:
+        report.problems.append(f"collection {sch.name!r}: {bad_rows} rows have no matching change record")
+    # The newest change of each key agrees with the table: put <=> row present with that seq.
+    mismatched = db.execute(
+        f"SELECT count(*) FROM (SELECT key, max(seq) AS seq FROM _ls_changes WHERE coll = ? GROUP BY key) last "
+        f"JOIN _ls_changes c ON c.seq = last.seq LEFT JOIN {table} t ON t.{key} = last.key "
+        f"WHERE (c.op = {OP_PUT} AND (t._ls_seq IS NULL OR t._ls_seq != c.seq)) OR (c.op = {OP_DELETE} AND t.{key} IS NOT NULL)",
+        (sch.id,),
+    ).fetchone()[0]
+    if mismatched:
+        report.problems.append(f"collection {sch.name!r}: {mismatched} keys whose newest change disagrees with the row")
+    dangling = db.execute(
+        f"SELECT count(*) FROM _ls_changes c WHERE c.coll = ? AND c.op = {OP_PUT} AND c.payload IS NULL AND NOT EXISTS ("
+        f"SELECT 1 FROM {table} t WHERE t.{key} = c.key AND t._ls_seq = c.seq)",
+        (sch.id,),
+    ).fetchone()[0]
+    if dangling:
+        report.problems.append(f"collection {sch.name!r}: {dangling} change records lost their row payload")
+
+
+def optimize(store: Store, *, vacuum: bool = False) -> None:
+    """Run ``PRAGMA optimize``, optionally ``VACUUM``, and truncate the WAL."""
+    with store._lock, boundary(store.path, "optimizing"):
+        db = store._db
+        if store.in_transaction:
+            raise LocalStoreError(f"store {store.path}: optimize cannot run inside a transaction")
+        db.execute("PRAGMA optimize")
+        if vacuum:
+            retry_busy(lambda: db.execute("VACUUM"), path=store.path)
+        retry_busy(lambda: db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall(), path=store.path)
+
+
+def expire(store: Store, now: float | None = None) -> dict[str, int]:
+    """Delete rows older than their collection's TTL (by write time); return counts by collection.
+
+    Deletes are logged like any other, so sync removes the rows centrally too.
+    """
+    now = time.time() if now is None else now
+    out: dict[str, int] = {}
+    for name in store.collections():
+        coll = store.collection(name)
+        ttl = coll.schema.ttl
+        if ttl is None:
+            continue
+        cutoff = int((now - ttl) * 1000) << clock.LOGICAL_BITS
+        total = 0
+        sql = f"SELECT {quote(coll.key)} FROM {coll.schema.table} WHERE _ls_hlc < ? LIMIT {DEFAULT_EXPIRE_BATCH}"
+        while True:
+            with store.transaction():
+                with boundary(store.path, f"expiring {name!r}"):
+                    keys = [r[0] for r in store._db.execute(sql, (cutoff,))]
+                deleted = coll._delete_checked(keys) if keys else 0
+            total += deleted
+            if len(keys) < DEFAULT_EXPIRE_BATCH:
+                break
+        out[name] = total
+    return out
+
+
+@dataclass
+class StoreStats:
+    """Sizes and counts of a store, as shown by ``localstore stats``."""
+
+    path: str
+    store_id: str
+    file_bytes: int
+    wal_bytes: int
+    collections: dict[str, dict[str, Any]]
+    last_seq: int
+    watermark: int
+    pending_changes: int
+    history_changes: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """The stats as a JSON-serialisable dict."""
+        return dict(self.__dict__)
+
+
+def stats(store: Store) -> StoreStats:
+    """Collect a store's collections, row counts, sizes and change-log positions."""
+    with store._lock, boundary(store.path, "reading stats"):
+        db = store._db
+        per: dict[str, dict[str, Any]] = {}
+        sizes: dict[str, int] = {}
+        with contextlib.suppress(apsw.SQLError):  # dbstat may be compiled out
+            sizes = {n: int(s) for n, s in db.execute("SELECT name, sum(pgsize) FROM dbstat GROUP BY name")}
+        for name in schema_mod.list_collections(db):
+            sch = schema_mod.load_schema(db, name)
+            if sch is None:
+                continue
+            rows = int(db.execute(f"SELECT count(*) FROM {sch.table}").fetchone()[0])
+            per[name] = {
+                "rows": rows,
+                "bytes": sizes.get(name, 0) + sum(v for k, v in sizes.items() if k.startswith(f"_ls_ix_{name}__")),
+                "key": sch.key,
+                "fields": {f: spec.describe() for f, spec in sch.fields.items()},
+                "sync": sch.sync,
+                "ttl": sch.ttl,
+            }
+        last_seq = int(db.execute("SELECT coalesce((SELECT value FROM _ls_meta WHERE key='last_seq'), 0)").fetchone()[0])
+        watermark = int(db.execute("SELECT coalesce((SELECT value FROM _ls_meta WHERE key='watermark'), 0)").fetchone()[0])
+        pending = int(db.execute("SELECT count(*) FROM _ls_changes WHERE seq > ?", (watermark,)).fetchone()[0])
+        history = int(db.execute("SELECT count(*) FROM _ls_changes WHERE seq <= ?", (watermark,)).fetchone()[0])
+    wal = store.path + "-wal"
+    return StoreStats(
+        path=store.path,
+        store_id=store.id,
+        file_bytes=os.path.getsize(store.path),
+        wal_bytes=os.path.getsize(wal) if os.path.exists(wal) else 0,
+        collections=per,
+        last_seq=last_seq,
+        watermark=watermark,
+        pending_changes=pending,
+        history_changes=history,
+    )
+
+
+__all__ = ["backup", "verify", "optimize", "expire", "stats", "VerifyReport", "StoreStats", "translate"]

@@ -1,0 +1,369 @@
+"""A store: one agent's SQLite file, its collections, transactions and change log.
+
+Threading model: a ``Store`` owns one apsw connection guarded by a re-entrant
+lock. Every call takes the lock for its duration, and ``store.transaction()``
+holds it for the whole ``with`` block, so a store object may be shared by
+threads: their operations are serialised, and a transaction in one thread never
+sees another thread's half-done work. For parallel reads, open the same file
+once per thread or process; SQLite's WAL lets readers and one writer proceed
+together, and writers in other processes wait their turn (busy timeout plus
+retries), never surfacing "database is locked".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import builtins
+
+import apsw
+import msgpack
+
+from . import clock, schema as schema_mod
+from ._sqlite import DEFAULT_BUSY_TIMEOUT_MS, DURABILITY, boundary, connect, create_private_file, retry_busy, translate
+from .errors import LocalStoreError, SchemaError, StoreClosedError, StoreOpenError, UnknownCollectionError
+from .fields import Field
+
+if TYPE_CHECKING:
+    from .changelog import ChangeLog
+    from .collection import Collection
+    from .maintenance import StoreStats, VerifyReport
+
+
+def pack_values(*args: Any) -> bytes:
+    """Pack alternating field names and stored values into a change payload (msgpack map).
+
+    Registered in SQLite as ``ls_pack`` so triggers can snapshot a row as stored.
+    """
+    return msgpack.packb(dict(zip(args[::2], args[1::2])), use_bin_type=True)  # type: ignore[no-any-return]
+
+
+@dataclass
+class _TxState:
+    """Sequence and clock positions handed out inside the current write transaction."""
+
+    last_seq: int | None = None
+    last_hlc: int = 0
+    #: The value of ``last_seq`` when it was read from the file; the counter is written back at commit.
+    stored_seq: int | None = None
+
+
+class Store:
+    """One agent's store: a WAL-mode SQLite file holding collections and a change log.
+
+    Open one with ``localstore.open(path)``. Use it as a context manager, or call
+    ``close()`` when done.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        durability: str = "normal",
+        busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+        create: bool = True,
+    ) -> None:
+        self.path = os.fspath(path)
+        if durability not in DURABILITY:
+            raise ValueError(f"durability must be one of {', '.join(DURABILITY)}, got {durability!r}")
+        if os.path.isdir(self.path):
+            raise StoreOpenError(f"{self.path} is a directory; a store is a single file, e.g. {self.path}/agent.db")
+        if not os.path.exists(self.path):
+            if not create:
+                raise StoreOpenError(f"no store at {self.path}; pass create=True to make one")
+            create_private_file(self.path)
+        elif os.path.getsize(self.path) and not _looks_like_sqlite(self.path):
+            raise translate(apsw.NotADBError("file is not a database"), self.path, "opening")
+        self.durability = durability
+        self._lock = threading.RLock()
+        self._conn: apsw.Connection | None = connect(self.path, durability=durability, busy_timeout_ms=busy_timeout_ms)
+        try:
+            with boundary(self.path, "opening"):
+                self._conn.create_scalar_function("ls_pack", pack_values, deterministic=True)
+                self.id: str = retry_busy(lambda: schema_mod.init_store(self._db, self.path), path=self.path)
+        except BaseException:
+            self._conn.close()
+            self._conn = None
+            raise
+        self._depth = 0
+        self._tx: _TxState | None = None
+        self._collections: dict[str, Collection] = {}
+        self._schema_version = -1
+        self._clock_last = 0
+        self._changelog: ChangeLog | None = None
+
+    # -- basics -------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The store's file name without its folder and ``.db`` suffix."""
+        base = os.path.basename(self.path)
+        return base[:-3] if base.endswith(".db") else base
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` has been called."""
+        return self._conn is None
+
+    @property
+    def _db(self) -> apsw.Connection:
+        conn = self._conn
+        if conn is None:
+            raise StoreClosedError(f"store {self.path} is closed; open it again with localstore.open()")
+        return conn
+
+    def close(self) -> None:
+        """Close the store. Safe to call twice; a store in a transaction is rolled back first."""
+        with self._lock:
+            if self._conn is None:
+                return
+            conn, self._conn = self._conn, None
+            if self._depth:
+                with contextlib.suppress(apsw.Error):
+                    conn.execute("ROLLBACK")
+            conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<localstore.Store {self.path!r} id={self.id} {state}>"
+
+    # -- collections -----------------------------------------------------------------
+
+    def collection(
+        self,
+        name: str,
+        key: str | None = None,
+        fields: dict[str, Field | type[Field]] | None = None,
+        *,
+        sync: bool = True,
+        ttl: float | None = None,
+    ) -> Collection:
+        """Declare a collection (with ``key`` and ``fields``), or reopen one (name only).
+
+        A redeclaration may add fields and change index options; changing the key,
+        a field's type or its other options raises ``SchemaError``. ``sync=False``
+        keeps the collection out of the change log; ``ttl`` (seconds) lets
+        ``expire()`` delete rows older than that.
+        """
+        from .collection import Collection
+
+        with self._lock:
+            if fields is None and key is None:
+                coll = self._collections.get(name)
+                if coll is not None:
+                    return coll
+                with boundary(self.path, f"opening collection {name!r}"):
+                    found = schema_mod.load_schema(self._db, name) if isinstance(name, str) else None
+                if found is None:
+                    existing = ", ".join(self.collections()) or "none yet"
+                    raise UnknownCollectionError(
+                        f"store {self.path} has no collection {name!r} (collections: {existing}); "
+                        "declare it with key= and fields="
+                    )
+                coll = Collection(self, found)
+                self._collections[found.name] = coll
+                return coll
+            if fields is None or key is None:
+                raise SchemaError(f"collection {name!r}: pass both key= and fields= to declare it, or neither to reopen it")
+            with self.transaction():
+                declared = schema_mod.declare(self._db, name, key, dict(fields), sync=sync, ttl=ttl)
+            coll = self._collections.get(declared.name)
+            if coll is None:
+                coll = Collection(self, declared)
+                self._collections[declared.name] = coll
+            else:
+                coll._set_schema(declared)
+            return coll
+
+    def collections(self) -> list[str]:
+        """The names of the store's collections, in creation order."""
+        with self._lock, boundary(self.path, "listing collections"):
+            return schema_mod.list_collections(self._db)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self.collections()
+
+    def _refresh_schemas(self) -> None:
+        """Reload cached collection schemas if another connection changed the file's schema."""
+        version = self._db.execute("PRAGMA schema_version").fetchone()[0]
+        if version == self._schema_version:
+            return
+        for coll in self._collections.values():
+            fresh = schema_mod.load_schema(self._db, coll.name)
+            if fresh is not None:
+                coll._set_schema(fresh)
+        self._schema_version = self._db.execute("PRAGMA schema_version").fetchone()[0]
+
+    # -- transactions ----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Store]:
+        """An atomic block over any number of collections; nests through savepoints.
+
+        Any exception (including KeyboardInterrupt) rolls the block back and is
+        re-raised. Other threads using this store object wait until it ends.
+        """
+        with self._lock:
+            db = self._db
+            if self._depth == 0:
+                with boundary(self.path, "starting a write transaction"):
+                    retry_busy(lambda: db.execute("BEGIN IMMEDIATE"), path=self.path)
+                self._depth, self._tx = 1, _TxState()
+                try:
+                    with boundary(self.path, "writing"):
+                        self._refresh_schemas()
+                    yield self
+                except BaseException:
+                    with contextlib.suppress(apsw.Error):
+                        db.execute("ROLLBACK")
+                    raise
+                else:
+                    try:
+                        with boundary(self.path, "committing"):
+                            tx = self._tx
+                            if tx is not None and tx.last_seq is not None and tx.last_seq != tx.stored_seq:
+                                db.execute("UPDATE _ls_meta SET value = ? WHERE key = 'last_seq'", (tx.last_seq,))
+                            retry_busy(lambda: db.execute("COMMIT"), path=self.path)
+                    except BaseException:
+                        with contextlib.suppress(apsw.Error):
+                            db.execute("ROLLBACK")
+                        raise
+                finally:
+                    self._depth, self._tx = 0, None
+            else:
+                tx = self._tx
+                assert tx is not None
+                savepoint = f"_ls_sp{self._depth}"
+                saved = (tx.last_seq, tx.last_hlc)
+                with boundary(self.path, "opening a savepoint"):
+                    db.execute(f"SAVEPOINT {savepoint}")
+                self._depth += 1
+                try:
+                    yield self
+                except BaseException:
+                    with contextlib.suppress(apsw.Error):
+                        db.execute(f"ROLLBACK TO {savepoint}; RELEASE {savepoint}")
+                    tx.last_seq, tx.last_hlc = saved
+                    raise
+                else:
+                    with boundary(self.path, "releasing a savepoint"):
+                        db.execute(f"RELEASE {savepoint}")
+                finally:
+                    self._depth -= 1
+
+    @property
+    def in_transaction(self) -> bool:
+        """Whether a ``transaction()`` block is open on this store."""
+        return self._depth > 0
+
+    def _allocate(self, count: int, logged: bool) -> tuple[int, int]:
+        """Reserve ``count`` change seqs (if ``logged``) and HLC values; return the first of each.
+
+        Must be called inside a write transaction, which holds SQLite's write lock,
+        so positions read from the file cannot be taken by another process.
+        """
+        tx = self._tx
+        assert tx is not None, "_allocate outside a transaction"
+        db = self._db
+        if tx.last_seq is None:
+            row = db.execute(
+                "SELECT (SELECT value FROM _ls_meta WHERE key='last_seq'),"
+                " (SELECT hlc FROM _ls_changes ORDER BY seq DESC LIMIT 1),"
+                " (SELECT value FROM _ls_meta WHERE key='hlc_floor')"
+            ).fetchone()
+            tx.last_seq = tx.stored_seq = int(row[0] or 0)
+            tx.last_hlc = max(int(row[1] or 0), int(row[2] or 0), self._clock_last)
+        first_hlc = clock.next_hlc(tx.last_hlc)
+        tx.last_hlc = first_hlc + count - 1
+        self._clock_last = max(self._clock_last, tx.last_hlc)
+        first_seq = tx.last_seq + 1
+        if logged:
+            tx.last_seq += count
+        return first_seq, first_hlc
+
+    # -- change log and maintenance (implemented in their own modules) -------------------
+
+    @property
+    def changelog(self) -> ChangeLog:
+        """The change log API the sync engine uses: read, acknowledge, prune."""
+        from .changelog import ChangeLog
+
+        if self._changelog is None:
+            self._changelog = ChangeLog(self)
+        return self._changelog
+
+    def backup(self, path: str | os.PathLike[str], *, progress: Any = None) -> str:
+        """Write an online, consistent copy of the store to ``path`` (SQLite backup API); return the path."""
+        from .maintenance import backup
+
+        return backup(self, os.fspath(path), progress=progress)
+
+    def verify(self) -> VerifyReport:
+        """Check SQLite integrity, the schema, and the change log against the data; return a report."""
+        from .maintenance import verify
+
+        return verify(self)
+
+    def optimize(self, *, vacuum: bool = False) -> None:
+        """Run SQLite's optimize and checkpoint the WAL; with ``vacuum=True`` also rebuild the file to reclaim space."""
+        from .maintenance import optimize
+
+        optimize(self, vacuum=vacuum)
+
+    def expire(self, now: float | None = None) -> dict[str, int]:
+        """Delete rows older than their collection's TTL; return the count deleted per collection."""
+        from .maintenance import expire
+
+        return expire(self, now)
+
+    def stats(self) -> StoreStats:
+        """Collections, row counts, sizes and pending changes."""
+        from .maintenance import stats
+
+        return stats(self)
+
+    def _run(self, fn: Any, action: str) -> Any:
+        """Run a read under the store lock with busy retries and wrapped errors."""
+        with self._lock, boundary(self.path, action):
+            db = self._db
+            return retry_busy(lambda: fn(db), path=self.path)
+
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _looks_like_sqlite(path: str) -> bool:
+    try:
+        with builtins.open(path, "rb") as handle:
+            return handle.read(16) == _SQLITE_MAGIC
+    except OSError as exc:
+        raise StoreOpenError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def open(  # noqa: A001 - the public name is localstore.open
+    path: str | os.PathLike[str],
+    *,
+    durability: str = "normal",
+    busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+    create: bool = True,
+) -> Store:
+    """Open one agent's store at ``path``, creating it (mode 0600) if missing.
+
+    ``durability="full"`` makes every commit survive power loss (``synchronous=FULL``);
+    the default ``"normal"`` survives process crashes and is several times faster.
+    """
+    return Store(path, durability=durability, busy_timeout_ms=busy_timeout_ms, create=create)
+
+
+__all__ = ["Store", "open", "LocalStoreError"]
