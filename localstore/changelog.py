@@ -165,7 +165,11 @@ class ChangeLog:
         store = self.store
         with store.transaction():
             db = store._db
-            last = db.execute("SELECT coalesce((SELECT value FROM _ls_meta WHERE key='last_seq'), 0)").fetchone()[0]
+            tx = store._tx
+            if tx is not None and tx.last_seq is not None:
+                last = tx.last_seq  # writes earlier in this transaction are not in _ls_meta yet
+            else:
+                last = db.execute("SELECT coalesce((SELECT value FROM _ls_meta WHERE key='last_seq'), 0)").fetchone()[0]
             if seq > last:
                 raise ChangeLogError(f"store {store.path}: cannot acknowledge seq {seq}; the last seq written is {last}")
             db.execute(

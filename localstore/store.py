@@ -75,7 +75,7 @@ class Store:
             raise StoreOpenError(f"{self.path} is a directory; a store is a single file, e.g. {self.path}/agent.db")
         if not os.path.exists(self.path):
             if not create:
-                raise StoreOpenError(f"no store at {self.path}; pass create=True to make one")
+                raise StoreOpenError(f"no store at {self.path}: the file does not exist (localstore.open creates it unless create=False)")
             create_private_file(self.path)
         elif os.path.getsize(self.path) and not _looks_like_sqlite(self.path):
             raise translate(apsw.NotADBError("file is not a database"), self.path, "opening")

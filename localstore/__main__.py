@@ -1,0 +1,7 @@
+"""Run the localstore command as ``python -m localstore``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,285 @@
+"""The ``localstore`` command: inspect, query, back up and verify stores.
+
+Every subcommand has an example in its ``--help``; ``--json`` gives machine-
+readable output where it makes sense. Errors print one line to stderr and exit 1
+(2 for usage errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import apsw
+import numpy as np
+
+from . import __version__
+from ._sqlite import translate
+from .errors import LocalStoreError, QueryError
+from .store import Store
+
+EXAMPLES = {
+    "info": "Example:\n  localstore info data/kernel-7.db\n  localstore info data/kernel-7.db --json",
+    "stats": "Example:\n  localstore stats data/kernel-7.db\n  localstore stats data/*.db --json",
+    "query": (
+        "Examples:\n"
+        "  localstore query data/kernel-7.db kernels --where '{\"phi\": {\">\": 0.7}}' --order-by=-phi --limit 5\n"
+        "  localstore query data/kernel-7.db --sql 'SELECT regime, count(*) FROM kernels GROUP BY regime'"
+    ),
+    "backup": "Example:\n  localstore backup data/kernel-7.db backups/kernel-7-$(date +%F).db",
+    "verify": "Example:\n  localstore verify data/kernel-7.db && echo healthy",
+    "optimize": "Example:\n  localstore optimize data/kernel-7.db --vacuum",
+    "expire": "Example:\n  localstore expire data/kernel-7.db",
+}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"base64": base64.b64encode(bytes(value)).decode("ascii")}
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    return value
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _open(path: str) -> Store:
+    return Store(path, create=False)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    with _open(args.path) as store:
+        st = store.stats()
+        out = {
+            "path": store.path,
+            "store_id": store.id,
+            "collections": {n: {"key": c["key"], "fields": c["fields"], "sync": c["sync"], "ttl": c["ttl"]}
+                            for n, c in st.collections.items()},
+        }
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"store     {out['path']}")
+    print(f"id        {out['store_id']}")
+    for name, c in out["collections"].items():
+        extras = [] if c["sync"] else ["sync=False"]
+        if c["ttl"]:
+            extras.append(f"ttl={c['ttl']:g}s")
+        print(f"\ncollection {name} (key {c['key']}{', ' + ', '.join(extras) if extras else ''})")
+        for fname, desc in c["fields"].items():
+            print(f"  {fname:<24} {desc}")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    results = []
+    for path in args.paths:
+        with _open(path) as store:
+            results.append(store.stats().as_dict())
+    if args.json:
+        print(json.dumps(results if len(results) > 1 else results[0], indent=2))
+        return 0
+    for st in results:
+        print(f"{st['path']}  id {st['store_id']}")
+        print(f"  file {_human_bytes(st['file_bytes'])}, wal {_human_bytes(st['wal_bytes'])}")
+        print(f"  changes: last seq {st['last_seq']}, acknowledged {st['watermark']}, "
+              f"pending {st['pending_changes']}, kept history {st['history_changes']}")
+        for name, c in st["collections"].items():
+            print(f"  {name:<24} {c['rows']:>10} rows  {_human_bytes(c['bytes']):>10}")
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    if args.sql:
+        if args.collection:
+            raise QueryError("give either a collection or --sql, not both")
+        rows = _sql_query(args.path, args.sql)
+    else:
+        if not args.collection:
+            raise QueryError("give a collection name, or --sql 'SELECT ...'")
+        try:
+            where = json.loads(args.where) if args.where else None
+        except json.JSONDecodeError as exc:
+            raise QueryError(f"--where is not valid JSON ({exc}); example: --where '{{\"phi\": {{\">\": 0.7}}}}'") from None
+        with _open(args.path) as store:
+            rows = store.collection(args.collection).find(where=where, order_by=args.order_by, limit=args.limit)
+    rows = [_jsonable(r) for r in rows]
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+    else:
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+        print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})", file=sys.stderr)
+    return 0
+
+
+def _sql_query(path: str, sql: str) -> list[dict[str, Any]]:
+    """Run one SQL statement on a read-only connection, so a query can never change the store."""
+    with _open(path):
+        pass  # validates that the path is a store, with clear errors
+    conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        cursor = conn.execute(sql)
+        names = [d[0] for d in cursor.getdescription()] if cursor.is_readonly else []
+        return [dict(zip(names, row)) for row in cursor]
+    except apsw.ExecutionCompleteError:
+        return []
+    except apsw.ReadOnlyError:
+        raise QueryError("localstore query --sql is read-only; write through the Python API") from None
+    except apsw.SQLError as exc:
+        raise QueryError(f"SQL error: {exc}") from None
+    except apsw.Error as exc:
+        raise translate(exc, path, "querying") from None
+    finally:
+        conn.close()
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        if not args.quiet and sys.stderr.isatty():
+            print(f"\rcopying pages {done}/{total}", end="", file=sys.stderr, flush=True)
+
+    with _open(args.path) as store:
+        store.backup(args.dest, progress=progress)
+    if not args.quiet:
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
+        print(f"backed up {args.path} -> {args.dest} in {time.perf_counter() - started:.2f}s")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    ok = True
+    reports = []
+    for path in args.paths:
+        with _open(path) as store:
+            report = store.verify()
+        ok = ok and report.ok
+        reports.append(report)
+    if args.json:
+        data = [r.as_dict() for r in reports]
+        print(json.dumps(data if len(data) > 1 else data[0], indent=2))
+    else:
+        for report in reports:
+            print(report)
+    return 0 if ok else 1
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    with _open(args.path) as store:
+        before = store.stats().file_bytes
+        store.optimize(vacuum=args.vacuum)
+        after = store.stats().file_bytes
+    print(f"optimized {args.path}: {_human_bytes(before)} -> {_human_bytes(after)}")
+    return 0
+
+
+def cmd_expire(args: argparse.Namespace) -> int:
+    with _open(args.path) as store:
+        counts = store.expire()
+    if args.json:
+        print(json.dumps(counts))
+    else:
+        for name, n in counts.items():
+            print(f"{name}: {n} expired rows deleted")
+        if not counts:
+            print("no collection has a ttl")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for the ``localstore`` command."""
+    parser = argparse.ArgumentParser(
+        prog="localstore",
+        description="Inspect, query, back up and verify localstore stores.",
+        epilog="Example:\n  localstore stats data/kernel-7.db",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"localstore {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = add("info", "Show a store's id and the schema of each collection.")
+    p.add_argument("path", help="the store file")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = add("stats", "Show row counts, sizes and change-log positions of one or more stores.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="store files")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_stats)
+
+    p = add("query", "Print rows of a collection, or the result of a read-only SQL query.")
+    p.add_argument("path", help="the store file")
+    p.add_argument("collection", nargs="?", help="the collection to read")
+    p.add_argument("--where", help="a JSON where-dict, as in Collection.find")
+    p.add_argument("--order-by", help="a field; descending as --order-by=-field")
+    p.add_argument("--limit", type=int, default=None, help="at most this many rows")
+    p.add_argument("--sql", help="a read-only SQL statement instead of a collection")
+    p.add_argument("--json", action="store_true", help="print one JSON array instead of JSON lines")
+    p.set_defaults(func=cmd_query)
+
+    p = add("backup", "Write an online, consistent copy of a store (safe while writers run).")
+    p.add_argument("path", help="the store file")
+    p.add_argument("dest", help="the backup file to write (replaced atomically)")
+    p.add_argument("--quiet", action="store_true", help="print nothing on success")
+    p.set_defaults(func=cmd_backup)
+
+    p = add("verify", "Check integrity, schema and change log; exit 1 if anything is wrong.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="store files")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_verify)
+
+    p = add("optimize", "Run SQLite's optimize, checkpoint the WAL, and optionally vacuum.")
+    p.add_argument("path", help="the store file")
+    p.add_argument("--vacuum", action="store_true", help="rebuild the file to give free pages back")
+    p.set_defaults(func=cmd_optimize)
+
+    p = add("expire", "Delete rows older than their collection's TTL.")
+    p.add_argument("path", help="the store file")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_expire)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``localstore`` command; return its exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except LocalStoreError as exc:
+        print(f"localstore: error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
+    except KeyboardInterrupt:
+        print("localstore: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
