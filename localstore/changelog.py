@@ -61,6 +61,9 @@ class ChangeLog:
 
     def last_seq(self) -> int:
         """The highest seq ever written (0 if none); pruning does not lower it."""
+        tx = self.store._tx
+        if tx is not None and tx.last_seq is not None:
+            return tx.last_seq  # this transaction's writes are not in _ls_meta until it commits
         return int(self.store._run(
             lambda db: db.execute("SELECT coalesce((SELECT value FROM _ls_meta WHERE key='last_seq'), 0)").fetchone()[0],
             "reading the change log",
