@@ -12,7 +12,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import apsw
 import sqlite_vec
@@ -142,7 +142,7 @@ def translate(exc: BaseException, store: str, action: str = "") -> LocalStoreErr
         )
     if isinstance(exc, apsw.ReadOnlyError):
         return ReadOnlyStoreError(f"{store} cannot be written{doing}: {exc}; check file and folder permissions")
-    if isinstance(exc, (apsw.CantOpenError, apsw.PermError, apsw.AuthError)):
+    if isinstance(exc, (apsw.CantOpenError, apsw.PermissionsError, apsw.AuthError)):
         return StoreOpenError(f"cannot open {store}{doing}: {exc}; check that the path and its folder are accessible")
     if isinstance(exc, apsw.FullError):
         return LocalStoreError(f"{store}: the disk is full{doing}; free space and retry (nothing was committed)")
@@ -181,3 +181,9 @@ def boundary(store: str, action: str = "") -> Iterator[None]:
 def quote(identifier: str) -> str:
     """Quote an already-validated identifier for SQL."""
     return '"' + identifier.replace('"', '""') + '"'
+
+
+def scalar(db: apsw.Connection, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> Any:
+    """The first column of the first row of a query, or None if it returns no row."""
+    row = db.execute(sql, params).fetchone()
+    return None if row is None else row[0]

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from ._sqlite import quote, scalar
 from .collection import OP_NAMES, OP_PUT
 from .errors import ChangeLogError
 
@@ -65,23 +66,23 @@ class ChangeLog:
         if tx is not None and tx.last_seq is not None:
             return tx.last_seq  # this transaction's writes are not in _ls_meta until it commits
         return int(self.store._run(
-            lambda db: db.execute("SELECT coalesce((SELECT value FROM _ls_meta WHERE key='last_seq'), 0)").fetchone()[0],
+            lambda db: scalar(db, "SELECT coalesce((SELECT value FROM _ls_meta WHERE key='last_seq'), 0)"),
             "reading the change log",
         ))
 
     def watermark(self) -> int:
         """The highest seq that the central store has acknowledged (0 if none)."""
         return int(self.store._run(
-            lambda db: db.execute("SELECT coalesce((SELECT value FROM _ls_meta WHERE key='watermark'), 0)").fetchone()[0],
+            lambda db: scalar(db, "SELECT coalesce((SELECT value FROM _ls_meta WHERE key='watermark'), 0)"),
             "reading the watermark",
         ))
 
     def pending(self) -> int:
         """The number of changes not yet acknowledged."""
         return int(self.store._run(
-            lambda db: db.execute(
+            lambda db: scalar(db, 
                 "SELECT count(*) FROM _ls_changes WHERE seq > coalesce((SELECT value FROM _ls_meta WHERE key='watermark'), 0)"
-            ).fetchone()[0],
+            ),
             "counting pending changes",
         ))
 
@@ -172,7 +173,7 @@ class ChangeLog:
             if tx is not None and tx.last_seq is not None:
                 last = tx.last_seq  # writes earlier in this transaction are not in _ls_meta yet
             else:
-                last = db.execute("SELECT coalesce((SELECT value FROM _ls_meta WHERE key='last_seq'), 0)").fetchone()[0]
+                last = scalar(db, "SELECT coalesce((SELECT value FROM _ls_meta WHERE key='last_seq'), 0)")
             if seq > last:
                 raise ChangeLogError(f"store {store.path}: cannot acknowledge seq {seq}; the last seq written is {last}")
             db.execute(
@@ -180,7 +181,7 @@ class ChangeLog:
                 "ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
                 (seq,),
             )
-            return int(db.execute("SELECT value FROM _ls_meta WHERE key='watermark'").fetchone()[0])
+            return int(scalar(db, "SELECT value FROM _ls_meta WHERE key='watermark'"))
 
     def prune(self, keep: int = DEFAULT_KEEP_HISTORY) -> int:
         """Delete acknowledged changes, keeping the newest ``keep`` of them as history; return the count deleted."""
@@ -189,11 +190,11 @@ class ChangeLog:
         store = self.store
         with store.transaction():
             db = store._db
-            watermark = int(db.execute("SELECT coalesce((SELECT value FROM _ls_meta WHERE key='watermark'), 0)").fetchone()[0])
+            watermark = int(scalar(db, "SELECT coalesce((SELECT value FROM _ls_meta WHERE key='watermark'), 0)"))
             cutoff = watermark - keep
             if cutoff <= 0:
                 return 0
-            floor = db.execute("SELECT max(hlc) FROM _ls_changes WHERE seq <= ?", (cutoff,)).fetchone()[0]
+            floor = scalar(db, "SELECT max(hlc) FROM _ls_changes WHERE seq <= ?", (cutoff,))
             if floor is None:
                 return 0
             # Keep the clock's position: the newest pruned HLC becomes a floor for the next write.
@@ -207,6 +208,5 @@ class ChangeLog:
 
 
 def _q(name: str) -> str:
-    from ._sqlite import quote
 
     return quote(name)

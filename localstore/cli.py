@@ -68,7 +68,7 @@ def _open(path: str) -> Store:
 def cmd_info(args: argparse.Namespace) -> int:
     with _open(args.path) as store:
         st = store.stats()
-        out = {
+        out: dict[str, Any] = {
             "path": store.path,
             "store_id": store.id,
             "collections": {n: {"key": c["key"], "fields": c["fields"], "sync": c["sync"], "ttl": c["ttl"]}

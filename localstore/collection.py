@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from ._sqlite import boundary, quote
+from ._sqlite import boundary, quote, scalar
 from .errors import ValidationError
 from .fields import _MISSING, Field, Integer, Real, Text
 from .query import check_limit, compile_order, compile_where
@@ -302,7 +302,7 @@ class Collection:
         """The number of rows matching ``where`` (all rows if None)."""
         condition, params = compile_where(self._schema, where)
         sql = f"SELECT count(*) FROM {self._schema.table}" + (f" WHERE {condition}" if condition else "")
-        return int(self.store._run(lambda db: db.execute(sql, params).fetchone()[0], f"counting {self.name!r}"))
+        return int(self.store._run(lambda db: scalar(db, sql, params), f"counting {self.name!r}"))
 
     def __len__(self) -> int:
         return self.count()

@@ -58,7 +58,7 @@ class Field:
         default: Any = None,
         encrypt: bool = False,
         compress: bool = False,
-        filter: bool = False,  # noqa: A002 - the public option name
+        filter: bool = False,
         fulltext: bool = False,
     ) -> None:
         self.name = ""

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 import apsw
 
-from . import clock, schema as schema_mod
-from ._sqlite import boundary, create_private_file, quote, retry_busy, translate
+from . import clock
+from . import schema as schema_mod
+from ._sqlite import boundary, create_private_file, quote, retry_busy, scalar, translate
 from .collection import OP_DELETE, OP_PUT
 from .errors import BackupError, LocalStoreError
 
@@ -123,17 +124,17 @@ def _verify_in_snapshot(store: Store, db: apsw.Connection, report: VerifyReport)
     fk = db.execute("PRAGMA foreign_key_check").fetchall()
     if fk:
         report.problems.append(f"foreign_key_check found {len(fk)} violations")
-    report.last_seq = int(db.execute("SELECT coalesce((SELECT value FROM _ls_meta WHERE key='last_seq'), 0)").fetchone()[0])
-    report.watermark = int(db.execute("SELECT coalesce((SELECT value FROM _ls_meta WHERE key='watermark'), 0)").fetchone()[0])
-    report.changes = int(db.execute("SELECT count(*) FROM _ls_changes").fetchone()[0])
+    report.last_seq = int(scalar(db, "SELECT coalesce((SELECT value FROM _ls_meta WHERE key='last_seq'), 0)"))
+    report.watermark = int(scalar(db, "SELECT coalesce((SELECT value FROM _ls_meta WHERE key='watermark'), 0)"))
+    report.changes = int(scalar(db, "SELECT count(*) FROM _ls_changes"))
     if report.watermark > report.last_seq:
         report.problems.append(f"watermark {report.watermark} is beyond the last seq {report.last_seq}")
-    max_seq = db.execute("SELECT max(seq) FROM _ls_changes").fetchone()[0]
+    max_seq = scalar(db, "SELECT max(seq) FROM _ls_changes")
     if max_seq is not None and max_seq > report.last_seq:
         report.problems.append(f"change seq {max_seq} is beyond the sequence counter {report.last_seq}")
-    bad_hlc = db.execute(
+    bad_hlc = scalar(db, 
         "SELECT count(*) FROM (SELECT hlc, lag(hlc) OVER (ORDER BY seq) AS prev FROM _ls_changes) WHERE hlc <= prev"
-    ).fetchone()[0]
+    )
     if bad_hlc:
         report.problems.append(f"{bad_hlc} change records have an HLC not above their predecessor's")
     known = set()
@@ -144,9 +145,7 @@ def _verify_in_snapshot(store: Store, db: apsw.Connection, report: VerifyReport)
             continue
         known.add(sch.id)
         _verify_collection(db, sch, report)
-    orphans = db.execute(
-        f"SELECT count(*) FROM _ls_changes WHERE coll NOT IN ({','.join(map(str, known)) or 'NULL'})"
-    ).fetchone()[0]
+    orphans = scalar(db, f"SELECT count(*) FROM _ls_changes WHERE coll NOT IN ({','.join(map(str, known)) or 'NULL'})")
     if orphans:
         report.problems.append(f"{orphans} change records name no known collection")
 
@@ -162,33 +161,33 @@ def _verify_collection(db: apsw.Connection, sch: schema_mod.CollectionSchema, re
     if missing:
         report.problems.append(f"collection {sch.name!r}: columns missing from its table: {', '.join(missing)}")
         return
-    report.collections[sch.name] = int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+    report.collections[sch.name] = int(scalar(db, f"SELECT count(*) FROM {table}"))
     key = quote(sch.key)
     if not sch.sync:
         return
     # Every row's last change is a put of that key (unless that record was pruned).
-    floor = db.execute("SELECT coalesce(min(seq), 0) FROM _ls_changes").fetchone()[0]
-    bad_rows = db.execute(
+    floor = scalar(db, "SELECT coalesce(min(seq), 0) FROM _ls_changes")
+    bad_rows = scalar(db, 
         f"SELECT count(*) FROM {table} t WHERE t._ls_seq IS NULL OR (t._ls_seq >= ? AND NOT EXISTS ("
         f"SELECT 1 FROM _ls_changes c WHERE c.seq = t._ls_seq AND c.coll = ? AND c.key = t.{key} AND c.op = {OP_PUT}))",
         (floor, sch.id),
-    ).fetchone()[0]
+    )
     if bad_rows:
         report.problems.append(f"collection {sch.name!r}: {bad_rows} rows have no matching change record")
     # The newest change of each key agrees with the table: put <=> row present with that seq.
-    mismatched = db.execute(
+    mismatched = scalar(db, 
         f"SELECT count(*) FROM (SELECT key, max(seq) AS seq FROM _ls_changes WHERE coll = ? GROUP BY key) last "
         f"JOIN _ls_changes c ON c.seq = last.seq LEFT JOIN {table} t ON t.{key} = last.key "
         f"WHERE (c.op = {OP_PUT} AND (t._ls_seq IS NULL OR t._ls_seq != c.seq)) OR (c.op = {OP_DELETE} AND t.{key} IS NOT NULL)",
         (sch.id,),
-    ).fetchone()[0]
+    )
     if mismatched:
         report.problems.append(f"collection {sch.name!r}: {mismatched} keys whose newest change disagrees with the row")
-    dangling = db.execute(
+    dangling = scalar(db, 
         f"SELECT count(*) FROM _ls_changes c WHERE c.coll = ? AND c.op = {OP_PUT} AND c.payload IS NULL AND NOT EXISTS ("
         f"SELECT 1 FROM {table} t WHERE t.{key} = c.key AND t._ls_seq = c.seq)",
         (sch.id,),
-    ).fetchone()[0]
+    )
     if dangling:
         report.problems.append(f"collection {sch.name!r}: {dangling} change records lost their row payload")
 
@@ -263,7 +262,7 @@ def stats(store: Store) -> StoreStats:
             sch = schema_mod.load_schema(db, name)
             if sch is None:
                 continue
-            rows = int(db.execute(f"SELECT count(*) FROM {sch.table}").fetchone()[0])
+            rows = int(scalar(db, f"SELECT count(*) FROM {sch.table}"))
             per[name] = {
                 "rows": rows,
                 "bytes": sizes.get(name, 0) + sum(v for k, v in sizes.items() if k.startswith(f"_ls_ix_{name}__")),
@@ -272,10 +271,10 @@ def stats(store: Store) -> StoreStats:
                 "sync": sch.sync,
                 "ttl": sch.ttl,
             }
-        last_seq = int(db.execute("SELECT coalesce((SELECT value FROM _ls_meta WHERE key='last_seq'), 0)").fetchone()[0])
-        watermark = int(db.execute("SELECT coalesce((SELECT value FROM _ls_meta WHERE key='watermark'), 0)").fetchone()[0])
-        pending = int(db.execute("SELECT count(*) FROM _ls_changes WHERE seq > ?", (watermark,)).fetchone()[0])
-        history = int(db.execute("SELECT count(*) FROM _ls_changes WHERE seq <= ?", (watermark,)).fetchone()[0])
+        last_seq = int(scalar(db, "SELECT coalesce((SELECT value FROM _ls_meta WHERE key='last_seq'), 0)"))
+        watermark = int(scalar(db, "SELECT coalesce((SELECT value FROM _ls_meta WHERE key='watermark'), 0)"))
+        pending = int(scalar(db, "SELECT count(*) FROM _ls_changes WHERE seq > ?", (watermark,)))
+        history = int(scalar(db, "SELECT count(*) FROM _ls_changes WHERE seq <= ?", (watermark,)))
     wal = store.path + "-wal"
     return StoreStats(
         path=store.path,
@@ -290,4 +289,4 @@ def stats(store: Store) -> StoreStats:
     )
 
 
-__all__ = ["backup", "verify", "optimize", "expire", "stats", "VerifyReport", "StoreStats", "translate"]
+__all__ = ["StoreStats", "VerifyReport", "backup", "expire", "optimize", "stats", "translate", "verify"]

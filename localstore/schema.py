@@ -19,7 +19,7 @@ from typing import Any
 import apsw
 
 from . import clock
-from ._sqlite import quote
+from ._sqlite import quote, scalar
 from .errors import NotAStoreError, SchemaError
 from .fields import KEY_TYPES, Field
 from .names import check_identifier
@@ -86,7 +86,7 @@ def init_store(conn: apsw.Connection, path: str) -> str:
                 f"({FORMAT_VERSION}); upgrade localstore"
             )
         return str(found[0])
-    others = conn.execute("SELECT count(*) FROM sqlite_schema WHERE name NOT LIKE 'sqlite_%'").fetchone()[0]
+    others = scalar(conn, "SELECT count(*) FROM sqlite_schema WHERE name NOT LIKE 'sqlite_%'")
     if others:
         raise NotAStoreError(
             f"{path} is a SQLite database of another program (it has tables but no localstore "
@@ -103,7 +103,7 @@ def init_store(conn: apsw.Connection, path: str) -> str:
                 [("store_id", store_id), ("format", FORMAT_VERSION), ("created_hlc", clock.wall_hlc()), ("watermark", 0), ("last_seq", 0)],
             )
         else:
-            store_id = str(conn.execute("SELECT value FROM _ls_meta WHERE key='store_id'").fetchone()[0])
+            store_id = str(scalar(conn, "SELECT value FROM _ls_meta WHERE key='store_id'"))
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")

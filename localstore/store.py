@@ -12,6 +12,7 @@ retries), never surfacing "database is locked".
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import os
 import threading
@@ -19,14 +20,28 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import builtins
-
 import apsw
 import msgpack
 
-from . import clock, schema as schema_mod
-from ._sqlite import DEFAULT_BUSY_TIMEOUT_MS, DURABILITY, boundary, connect, create_private_file, retry_busy, translate
-from .errors import LocalStoreError, SchemaError, StoreClosedError, StoreOpenError, UnknownCollectionError
+from . import clock
+from . import schema as schema_mod
+from ._sqlite import (
+    DEFAULT_BUSY_TIMEOUT_MS,
+    DURABILITY,
+    boundary,
+    connect,
+    create_private_file,
+    retry_busy,
+    scalar,
+    translate,
+)
+from .errors import (
+    LocalStoreError,
+    SchemaError,
+    StoreClosedError,
+    StoreOpenError,
+    UnknownCollectionError,
+)
 from .fields import Field
 
 if TYPE_CHECKING:
@@ -103,7 +118,7 @@ class Store:
     def name(self) -> str:
         """The store's file name without its folder and ``.db`` suffix."""
         base = os.path.basename(self.path)
-        return base[:-3] if base.endswith(".db") else base
+        return base.removesuffix(".db")
 
     @property
     def closed(self) -> bool:
@@ -196,14 +211,14 @@ class Store:
 
     def _refresh_schemas(self) -> None:
         """Reload cached collection schemas if another connection changed the file's schema."""
-        version = self._db.execute("PRAGMA schema_version").fetchone()[0]
+        version = scalar(self._db, "PRAGMA schema_version")
         if version == self._schema_version:
             return
         for coll in self._collections.values():
             fresh = schema_mod.load_schema(self._db, coll.name)
             if fresh is not None:
                 coll._set_schema(fresh)
-        self._schema_version = self._db.execute("PRAGMA schema_version").fetchone()[0]
+        self._schema_version = scalar(self._db, "PRAGMA schema_version")
 
     # -- transactions ----------------------------------------------------------------
 
@@ -242,8 +257,8 @@ class Store:
                 finally:
                     self._depth, self._tx = 0, None
             else:
+                assert self._tx is not None
                 tx = self._tx
-                assert tx is not None
                 savepoint = f"_ls_sp{self._depth}"
                 saved = (tx.last_seq, tx.last_hlc)
                 with boundary(self.path, "opening a savepoint"):
@@ -281,7 +296,7 @@ class Store:
                 "SELECT (SELECT value FROM _ls_meta WHERE key='last_seq'),"
                 " (SELECT hlc FROM _ls_changes ORDER BY seq DESC LIMIT 1),"
                 " (SELECT value FROM _ls_meta WHERE key='hlc_floor')"
-            ).fetchone()
+            ).fetchone() or (None, None, None)
             tx.last_seq = tx.stored_seq = int(row[0] or 0)
             tx.last_hlc = max(int(row[1] or 0), int(row[2] or 0), self._clock_last)
         first_hlc = clock.next_hlc(tx.last_hlc)
@@ -351,7 +366,7 @@ def _looks_like_sqlite(path: str) -> bool:
         raise StoreOpenError(f"cannot read {path}: {exc.strerror}") from None
 
 
-def open(  # noqa: A001 - the public name is localstore.open
+def open(
     path: str | os.PathLike[str],
     *,
     durability: str = "normal",
@@ -366,4 +381,4 @@ def open(  # noqa: A001 - the public name is localstore.open
     return Store(path, durability=durability, busy_timeout_ms=busy_timeout_ms, create=create)
 
 
-__all__ = ["Store", "open", "LocalStoreError"]
+__all__ = ["LocalStoreError", "Store", "open"]

@@ -38,7 +38,7 @@ class Workspace:
         """The file path of the store called ``name``."""
         return os.path.join(self.path, check_store_name(name) + SUFFIX)
 
-    def open(self, name: str, **options: Any) -> Store:  # noqa: A003 - mirrors localstore.open
+    def open(self, name: str, **options: Any) -> Store:
         """Open (creating if missing) the store called ``name``; the same object is returned while it is open."""
         with self._lock:
             store = self._open.get(name)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import PYTHON
 
 import localstore as ls
-from conftest import PYTHON
 from localstore.cli import build_parser, main
 
 

@@ -6,7 +6,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import PYTHON, ROOT
 
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
