@@ -100,8 +100,18 @@ def create_private_file(path: str) -> bool:
     return True
 
 
-def connect(path: str, *, durability: str = "normal", busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS) -> apsw.Connection:
-    """Open an apsw connection to ``path`` and apply every set-up step."""
+def connect(
+    path: str,
+    *,
+    durability: str = "normal",
+    busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+    check: Callable[[apsw.Connection], None] | None = None,
+) -> apsw.Connection:
+    """Open an apsw connection to ``path`` and apply every set-up step.
+
+    ``check`` runs right after the busy timeout is set and before anything can
+    change the file (such as switching it to WAL), so it can refuse a file untouched.
+    """
     opts: dict[str, object] = {"durability": durability, "busy_timeout_ms": busy_timeout_ms}
     flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE | apsw.SQLITE_OPEN_NOFOLLOW
     try:
@@ -111,6 +121,8 @@ def connect(path: str, *, durability: str = "normal", busy_timeout_ms: int = DEF
     try:
         for step in SETUP_STEPS:
             retry_busy(lambda: step(conn, opts), path=path)
+            if step is _step_busy_timeout and check is not None:
+                retry_busy(lambda: check(conn), path=path)
     except apsw.Error as exc:
         conn.close()
         raise translate(exc, path) from None

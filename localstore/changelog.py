@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from ._sqlite import quote, scalar
+from ._sqlite import boundary, quote, scalar
 from .collection import OP_NAMES, OP_PUT
 from .errors import ChangeLogError
 
@@ -167,7 +167,7 @@ class ChangeLog:
         if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
             raise ChangeLogError(f"ack takes a non-negative int seq, got {seq!r}")
         store = self.store
-        with store.transaction():
+        with store.transaction(), boundary(store.path, "acknowledging changes"):
             db = store._db
             tx = store._tx
             if tx is not None and tx.last_seq is not None:
@@ -188,7 +188,7 @@ class ChangeLog:
         if not isinstance(keep, int) or keep < 0:
             raise ChangeLogError(f"keep must be a non-negative int, got {keep!r}")
         store = self.store
-        with store.transaction():
+        with store.transaction(), boundary(store.path, "pruning the change log"):
             db = store._db
             watermark = int(scalar(db, "SELECT coalesce((SELECT value FROM _ls_meta WHERE key='watermark'), 0)"))
             cutoff = watermark - keep
@@ -202,6 +202,11 @@ class ChangeLog:
                 "INSERT INTO _ls_meta(key, value) VALUES('hlc_floor', ?) "
                 "ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
                 (floor,),
+            )
+            db.execute(
+                "INSERT INTO _ls_meta(key, value) VALUES('pruned_through', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
+                (cutoff,),
             )
             db.execute("DELETE FROM _ls_changes WHERE seq <= ?", (cutoff,))
             return int(db.changes())

@@ -10,7 +10,8 @@ fresh insert costs no second copy of the data.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import functools
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -27,6 +28,12 @@ if TYPE_CHECKING:
 OP_PUT = 1
 OP_DELETE = 2
 OP_NAMES = {OP_PUT: "put", OP_DELETE: "delete"}
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(source: str) -> Any:
+    """Compile generated encoder source once per process; stores with the same schema share it."""
+    return compile(source, "<localstore encoder>", "exec")
 
 
 class _SchemaMoved(Exception):
@@ -112,10 +119,14 @@ class Collection:
         check per field costs a fraction of a generic loop. Field names are
         validated identifiers and appear only as string literals.
         """
-        lines = ["def encode(row, seq, hlc):", "    if type(row) is not dict or not field_set.issuperset(row):", "        bad_row(row)"]
-        env: dict[str, Any] = {"field_set": self._field_set, "bad_row": self._bad_row, "MISSING": _MISSING}
+        lines = [
+            "def encode(row, seq, hlc):",
+            "    if type(row) is not dict: row = as_dict(row)",
+            "    if not field_set.issuperset(row): bad_row(row)",
+        ]
+        env: dict[str, Any] = {"field_set": self._field_set, "bad_row": self._bad_row, "as_dict": self._as_dict}
         # A value passing its fast test is stored as is; anything else goes through encode().
-        fast = {Text: "type({v}) is not str", Real: "(type({v}) is not float or {v} != {v})", Integer: "type({v}) is not int"}
+        fast = {Text: "type({v}) is not str", Real: "(type({v}) is not float or {v} != {v})", Integer: "(type({v}) is not int or not -9223372036854775808 <= {v} <= 9223372036854775807)"}
         names = []
         for i, (name, field, default, nullable) in enumerate(self._plan):
             v = f"v{i}"
@@ -133,14 +144,17 @@ class Collection:
         logged = "\n".join(lines + [f"    return ({values}, seq, hlc, seq, hlc, v0)"])
         plain = "\n".join(lines + [f"    return ({values}, None, hlc)"])
         scope: dict[str, Any] = {}
-        exec(compile(logged, f"<localstore encoder {self.name}>", "exec"), env, scope)  # noqa: S102
+        exec(_compiled(logged), env, scope)  # noqa: S102
         self._encode_logged = scope["encode"]
-        exec(compile(plain, f"<localstore encoder {self.name}>", "exec"), env, scope)  # noqa: S102
+        exec(_compiled(plain), env, scope)  # noqa: S102
         self._encode_plain = scope["encode"]
 
-    def _bad_row(self, row: Any) -> None:
-        if not isinstance(row, dict):
+    def _as_dict(self, row: Any) -> dict[str, Any]:
+        if not isinstance(row, Mapping):
             raise ValidationError(f"{self.name}: a row must be a dict of field -> value, got {type(row).__name__}")
+        return dict(row)
+
+    def _bad_row(self, row: dict[str, Any]) -> None:
         self.store._refresh_schemas()
         unknown = [k for k in row if k not in self._field_set]
         if unknown:
@@ -149,6 +163,19 @@ class Collection:
                 f"{', '.join(self._fields)}. Redeclare the collection with the new field to add it"
             )
         raise _SchemaMoved()
+
+    def _raise_bad_text(self, bindings: list[tuple[Any, ...]]) -> None:
+        """Name the field whose text SQLite could not take as UTF-8 (a lone surrogate)."""
+        for values in bindings:
+            for name, value in zip(self._order, values):
+                if isinstance(value, str):
+                    try:
+                        value.encode("utf-8")
+                    except UnicodeEncodeError as exc:
+                        raise ValidationError(
+                            f"{self.name}.{name}: expected valid unicode text, got a lone surrogate "
+                            f"{exc.object[exc.start:exc.end]!r} in key {values[0]!r}; nothing was written"
+                        ) from None
 
     def _missing(self, name: str) -> None:
         if name == self.key:
@@ -206,7 +233,11 @@ class Collection:
                     if attempt:
                         raise ValidationError(f"{self.name}: the collection's schema keeps changing; retry") from None
             with boundary(store.path, f"writing to {self.name!r}"):
-                store._db.executemany(self._sql_put_logged if logged else self._sql_put, bindings)
+                try:
+                    store._db.executemany(self._sql_put_logged if logged else self._sql_put, bindings)
+                except UnicodeEncodeError:
+                    self._raise_bad_text(bindings)
+                    raise
 
     def delete(self, key: Any) -> bool:
         """Delete the row with this key; return whether one existed."""
@@ -268,7 +299,9 @@ class Collection:
         limit: int | None = None,
         offset: int | None = None,
     ) -> list[dict[str, Any]]:
-        """Rows matching ``where``, ordered by ``order_by`` (``"-field"`` descends), then by insertion.
+        """Rows matching ``where``, ordered by ``order_by`` (``"-field"`` descends), then in storage order.
+
+        Storage order is insertion order for Text keys and key order for Integer keys.
 
         ``where`` maps a field to a value (equality; None means IS NULL) or to
         ``{op: value}`` with op one of ``= != < <= > >= in``; conditions are ANDed.
@@ -278,7 +311,7 @@ class Collection:
         return [self._decode(row) for row in rows]
 
     def keys(self, where: dict[str, Any] | None = None, *, limit: int | None = None) -> list[Any]:
-        """The keys of the rows matching ``where``, in insertion order."""
+        """The keys of the rows matching ``where``, in storage order (see ``find``)."""
         select = f"SELECT {quote(self.key)} FROM {self._schema.table}"
         sql, params = self._select_sql(select, where, None, limit, None)
         return [r[0] for r in self.store._run(lambda db: db.execute(sql, params).fetchall(), f"querying {self.name!r}")]

@@ -208,7 +208,10 @@ class Real(Field):
         if type(value) is float or (
             isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
         ):
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:
+                raise self._fail("a number within float range", value) from None
             if value != value:
                 raise self._fail("a number (NaN cannot be stored; use None)", value)
             return value
@@ -293,7 +296,8 @@ def decode_array(stored: bytes) -> np.ndarray:
     if magic != _ARRAY_MAGIC:
         raise ValidationError("stored value is not a localstore array (bad header)")
     start = _ARRAY_HEAD.size
-    dtype_str, _, shape_str = stored[start : start + length].decode("ascii").partition("|")
+    # rpartition: the dtype string itself may contain "|" (e.g. "|u1"); the shape never does.
+    dtype_str, _, shape_str = stored[start : start + length].decode("ascii").rpartition("|")
     shape = tuple(int(part) for part in shape_str.split(",") if part)
     data = np.frombuffer(stored, dtype=np.dtype(dtype_str), offset=start + length)
     return data.reshape(shape).copy()
@@ -334,7 +338,7 @@ class Vector(Field):
             array = np.asarray(value)
         except (TypeError, ValueError):
             raise self._fail(f"a sequence of {self.dim} numbers", value) from None
-        if array.dtype.kind not in "biuf":
+        if array.dtype.kind not in "iuf":
             raise self._fail(f"{self.dim} real numbers (dtype {array.dtype} cannot be cast safely)", value)
         if array.ndim != 1:
             raise self._fail(f"a 1-D vector of {self.dim} numbers, not shape {array.shape}", value)

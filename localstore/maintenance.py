@@ -36,6 +36,8 @@ def backup(store: Store, path: str, *, progress: Callable[[int, int], Any] | Non
     ``progress(done_pages, total_pages)`` is called as pages are copied.
     """
     path = os.fspath(path)
+    if store.in_transaction:
+        raise BackupError(f"store {store.path}: backup cannot run inside this store's own transaction; call it after the block")
     if os.path.abspath(path) == os.path.abspath(store.path):
         raise BackupError(f"backup target {path} is the store itself; choose another path")
     if os.path.isdir(path):
@@ -129,6 +131,13 @@ def _verify_in_snapshot(store: Store, db: apsw.Connection, report: VerifyReport)
     report.changes = int(scalar(db, "SELECT count(*) FROM _ls_changes"))
     if report.watermark > report.last_seq:
         report.problems.append(f"watermark {report.watermark} is beyond the last seq {report.last_seq}")
+    pruned = _pruned_through(db)
+    kept = scalar(db, "SELECT count(*) FROM _ls_changes WHERE seq > ?", (pruned,))
+    if kept != report.last_seq - pruned:
+        report.problems.append(
+            f"the change log should hold every seq from {pruned + 1} to {report.last_seq} "
+            f"({report.last_seq - pruned} records) but holds {kept}: change records are missing"
+        )
     max_seq = scalar(db, "SELECT max(seq) FROM _ls_changes")
     if max_seq is not None and max_seq > report.last_seq:
         report.problems.append(f"change seq {max_seq} is beyond the sequence counter {report.last_seq}")
@@ -150,6 +159,10 @@ def _verify_in_snapshot(store: Store, db: apsw.Connection, report: VerifyReport)
         report.problems.append(f"{orphans} change records name no known collection")
 
 
+def _pruned_through(db: apsw.Connection) -> int:
+    return int(scalar(db, "SELECT coalesce((SELECT value FROM _ls_meta WHERE key='pruned_through'), 0)"))
+
+
 def _verify_collection(db: apsw.Connection, sch: schema_mod.CollectionSchema, report: VerifyReport) -> None:
     table = sch.table
     exists = db.execute("SELECT 1 FROM sqlite_schema WHERE type='table' AND name=?", (sch.name,)).fetchone()
@@ -166,7 +179,7 @@ def _verify_collection(db: apsw.Connection, sch: schema_mod.CollectionSchema, re
     if not sch.sync:
         return
     # Every row's last change is a put of that key (unless that record was pruned).
-    floor = scalar(db, "SELECT coalesce(min(seq), 0) FROM _ls_changes")
+    floor = _pruned_through(db) + 1
     bad_rows = scalar(db, 
         f"SELECT count(*) FROM {table} t WHERE t._ls_seq IS NULL OR (t._ls_seq >= ? AND NOT EXISTS ("
         f"SELECT 1 FROM _ls_changes c WHERE c.seq = t._ls_seq AND c.coll = ? AND c.key = t.{key} AND c.op = {OP_PUT}))",
@@ -265,7 +278,7 @@ def stats(store: Store) -> StoreStats:
             rows = int(scalar(db, f"SELECT count(*) FROM {sch.table}"))
             per[name] = {
                 "rows": rows,
-                "bytes": sizes.get(name, 0) + sum(v for k, v in sizes.items() if k.startswith(f"_ls_ix_{name}__")),
+                "bytes": sizes.get(name, 0) + sum(v for k, v in sizes.items() if k.startswith(f"_ls_ix.{name}.")),
                 "key": sch.key,
                 "fields": {f: spec.describe() for f, spec in sch.fields.items()},
                 "sync": sch.sync,

@@ -72,6 +72,16 @@ class CollectionSchema:
         return quote(self.name)
 
 
+def check_store_file(conn: apsw.Connection, path: str) -> None:
+    """Refuse a SQLite file that belongs to another program (tables, but no localstore metadata)."""
+    names = {row[0] for row in conn.execute("SELECT name FROM sqlite_schema WHERE name NOT LIKE 'sqlite_%'")}
+    if names and "_ls_meta" not in names:
+        raise NotAStoreError(
+            f"{path} is a SQLite database of another program (it has tables but no localstore "
+            "metadata); it was left untouched. Use a new path for the store"
+        )
+
+
 def init_store(conn: apsw.Connection, path: str) -> str:
     """Create the internal tables on a new store, or check an existing one; return the store id."""
     row = conn.execute("SELECT name FROM sqlite_schema WHERE type='table' AND name='_ls_meta'").fetchone()
@@ -160,7 +170,8 @@ def _column_ddl(fname: str, f: Field, key: str) -> str:
 
 
 def _index_name(collection: str, fname: str) -> str:
-    return quote(f"_ls_ix_{collection}__{fname}")
+    # "." cannot appear in collection or field names, so two pairs never share an index name.
+    return quote(f"_ls_ix.{collection}.{fname}")
 
 
 def declare(

@@ -36,6 +36,7 @@ from ._sqlite import (
     translate,
 )
 from .errors import (
+    InvalidNameError,
     LocalStoreError,
     SchemaError,
     StoreClosedError,
@@ -85,7 +86,7 @@ class Store:
     ) -> None:
         self.path = os.fspath(path)
         if durability not in DURABILITY:
-            raise ValueError(f"durability must be one of {', '.join(DURABILITY)}, got {durability!r}")
+            raise StoreOpenError(f"durability must be one of {', '.join(DURABILITY)}, got {durability!r}")
         if os.path.isdir(self.path):
             raise StoreOpenError(f"{self.path} is a directory; a store is a single file, e.g. {self.path}/agent.db")
         if not os.path.exists(self.path):
@@ -96,7 +97,12 @@ class Store:
             raise translate(apsw.NotADBError("file is not a database"), self.path, "opening")
         self.durability = durability
         self._lock = threading.RLock()
-        self._conn: apsw.Connection | None = connect(self.path, durability=durability, busy_timeout_ms=busy_timeout_ms)
+        self._conn: apsw.Connection | None = connect(
+            self.path,
+            durability=durability,
+            busy_timeout_ms=busy_timeout_ms,
+            check=lambda conn: schema_mod.check_store_file(conn, self.path),
+        )
         try:
             with boundary(self.path, "opening"):
                 self._conn.create_scalar_function("ls_pack", pack_values, deterministic=True)
@@ -109,6 +115,9 @@ class Store:
         self._tx: _TxState | None = None
         self._collections: dict[str, Collection] = {}
         self._schema_version = -1
+        # Set when a rollback may have undone schema work or temporary triggers that the
+        # cached collections rely on; the next call reloads them.
+        self._stale = False
         self._clock_last = 0
         self._changelog: ChangeLog | None = None
 
@@ -173,13 +182,18 @@ class Store:
         """
         from .collection import Collection
 
+        if not isinstance(name, str):
+            raise InvalidNameError(f"a collection name must be a str, got {type(name).__name__} {name!r}")
         with self._lock:
+            with boundary(self.path, f"opening collection {name!r}"):
+                if not self._depth:
+                    retry_busy(self._refresh_schemas, path=self.path)
             if fields is None and key is None:
                 coll = self._collections.get(name)
                 if coll is not None:
                     return coll
                 with boundary(self.path, f"opening collection {name!r}"):
-                    found = schema_mod.load_schema(self._db, name) if isinstance(name, str) else None
+                    found = schema_mod.load_schema(self._db, name)
                 if found is None:
                     existing = ", ".join(self.collections()) or "none yet"
                     raise UnknownCollectionError(
@@ -210,15 +224,19 @@ class Store:
         return isinstance(name, str) and name in self.collections()
 
     def _refresh_schemas(self) -> None:
-        """Reload cached collection schemas if another connection changed the file's schema."""
-        version = scalar(self._db, "PRAGMA schema_version")
-        if version == self._schema_version:
+        """Reload cached collections if another connection changed the schema or a rollback undid ours."""
+        db = self._db
+        version = scalar(db, "PRAGMA schema_version")
+        if version == self._schema_version and not self._stale:
             return
-        for coll in self._collections.values():
-            fresh = schema_mod.load_schema(self._db, coll.name)
-            if fresh is not None:
+        self._stale = False
+        for name, coll in list(self._collections.items()):
+            fresh = schema_mod.load_schema(db, name)
+            if fresh is None:
+                del self._collections[name]  # its declaration was rolled back
+            else:
                 coll._set_schema(fresh)
-        self._schema_version = scalar(self._db, "PRAGMA schema_version")
+        self._schema_version = scalar(db, "PRAGMA schema_version")
 
     # -- transactions ----------------------------------------------------------------
 
@@ -242,6 +260,7 @@ class Store:
                 except BaseException:
                     with contextlib.suppress(apsw.Error):
                         db.execute("ROLLBACK")
+                    self._stale = True
                     raise
                 else:
                     try:
@@ -253,6 +272,7 @@ class Store:
                     except BaseException:
                         with contextlib.suppress(apsw.Error):
                             db.execute("ROLLBACK")
+                        self._stale = True
                         raise
                 finally:
                     self._depth, self._tx = 0, None
@@ -270,6 +290,7 @@ class Store:
                     with contextlib.suppress(apsw.Error):
                         db.execute(f"ROLLBACK TO {savepoint}; RELEASE {savepoint}")
                     tx.last_seq, tx.last_hlc = saved
+                    self._stale = True
                     raise
                 else:
                     with boundary(self.path, "releasing a savepoint"):
@@ -292,11 +313,12 @@ class Store:
         assert tx is not None, "_allocate outside a transaction"
         db = self._db
         if tx.last_seq is None:
-            row = db.execute(
-                "SELECT (SELECT value FROM _ls_meta WHERE key='last_seq'),"
-                " (SELECT hlc FROM _ls_changes ORDER BY seq DESC LIMIT 1),"
-                " (SELECT value FROM _ls_meta WHERE key='hlc_floor')"
-            ).fetchone() or (None, None, None)
+            with boundary(self.path, "reading the change-log position"):
+                row = db.execute(
+                    "SELECT (SELECT value FROM _ls_meta WHERE key='last_seq'),"
+                    " (SELECT hlc FROM _ls_changes ORDER BY seq DESC LIMIT 1),"
+                    " (SELECT value FROM _ls_meta WHERE key='hlc_floor')"
+                ).fetchone() or (None, None, None)
             tx.last_seq = tx.stored_seq = int(row[0] or 0)
             tx.last_hlc = max(int(row[1] or 0), int(row[2] or 0), self._clock_last)
         first_hlc = clock.next_hlc(tx.last_hlc)
@@ -352,6 +374,8 @@ class Store:
         """Run a read under the store lock with busy retries and wrapped errors."""
         with self._lock, boundary(self.path, action):
             db = self._db
+            if not self._depth:
+                retry_busy(self._refresh_schemas, path=self.path)
             return retry_busy(lambda: fn(db), path=self.path)
 
 

@@ -29,7 +29,10 @@ class Workspace:
         if not os.path.exists(self.path):
             if not create:
                 raise StoreOpenError(f"no workspace folder at {self.path}; pass create=True to make one")
-            os.makedirs(self.path, mode=0o700, exist_ok=True)
+            try:
+                os.makedirs(self.path, mode=0o700, exist_ok=True)
+            except OSError as exc:
+                raise StoreOpenError(f"cannot create workspace folder {self.path}: {exc.strerror}") from None
         self._options = store_options
         self._open: dict[str, Store] = {}
         self._lock = threading.Lock()
@@ -40,11 +43,12 @@ class Workspace:
 
     def open(self, name: str, **options: Any) -> Store:
         """Open (creating if missing) the store called ``name``; the same object is returned while it is open."""
+        path = self.path_of(name)
         with self._lock:
             store = self._open.get(name)
             if store is not None and not store.closed:
                 return store
-            store = Store(self.path_of(name), **{**self._options, **options})
+            store = Store(path, **{**self._options, **options})
             self._open[name] = store
             return store
 
