@@ -36,8 +36,6 @@ def backup(store: Store, path: str, *, progress: Callable[[int, int], Any] | Non
     ``progress(done_pages, total_pages)`` is called as pages are copied.
     """
     path = os.fspath(path)
-    if store.in_transaction:
-        raise BackupError(f"store {store.path}: backup cannot run inside this store's own transaction; call it after the block")
     if os.path.abspath(path) == os.path.abspath(store.path):
         raise BackupError(f"backup target {path} is the store itself; choose another path")
     if os.path.isdir(path):
@@ -52,6 +50,11 @@ def backup(store: Store, path: str, *, progress: Callable[[int, int], Any] | Non
         raise BackupError(f"cannot write backup {path}: {exc}") from None
     try:
         with store._lock:
+            # Under the lock, an open transaction can only be this thread's own.
+            if store.in_transaction:
+                raise BackupError(
+                    f"store {store.path}: backup cannot run inside this store's own transaction; call it after the block"
+                )
             source = store._db
             dest = apsw.Connection(tmp)
             try:
@@ -65,6 +68,11 @@ def backup(store: Store, path: str, *, progress: Callable[[int, int], Any] | Non
                     dest.execute("PRAGMA journal_mode=DELETE")
             finally:
                 dest.close()
+        # A WAL left beside an older copy would be replayed onto the new file and
+        # corrupt it, so it goes before the new copy takes the name.
+        for suffix in ("-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path + suffix)
         os.replace(tmp, path)
     except BaseException:
         for suffix in ("", "-wal", "-shm", "-journal"):
@@ -111,6 +119,9 @@ def verify(store: Store) -> VerifyReport:
     with store._lock, boundary(store.path, "verifying"):
         db = store._db
         report = VerifyReport(store.path, store.id)
+        if store.in_transaction:  # already a consistent view: this transaction's own
+            _verify_in_snapshot(store, db, report)
+            return report
         db.execute("BEGIN")
         try:
             _verify_in_snapshot(store, db, report)
@@ -126,7 +137,7 @@ def _verify_in_snapshot(store: Store, db: apsw.Connection, report: VerifyReport)
     fk = db.execute("PRAGMA foreign_key_check").fetchall()
     if fk:
         report.problems.append(f"foreign_key_check found {len(fk)} violations")
-    report.last_seq = int(scalar(db, "SELECT coalesce((SELECT value FROM _ls_meta WHERE key='last_seq'), 0)"))
+    report.last_seq = store.changelog.last_seq()  # knows this transaction's unwritten counter
     report.watermark = int(scalar(db, "SELECT coalesce((SELECT value FROM _ls_meta WHERE key='watermark'), 0)"))
     report.changes = int(scalar(db, "SELECT count(*) FROM _ls_changes"))
     if report.watermark > report.last_seq:

@@ -276,6 +276,7 @@ class Store:
                         raise
                 finally:
                     self._depth, self._tx = 0, None
+                    self._reload_after_rollback()
             else:
                 assert self._tx is not None
                 tx = self._tx
@@ -291,12 +292,20 @@ class Store:
                         db.execute(f"ROLLBACK TO {savepoint}; RELEASE {savepoint}")
                     tx.last_seq, tx.last_hlc = saved
                     self._stale = True
+                    self._reload_after_rollback()
                     raise
                 else:
                     with boundary(self.path, "releasing a savepoint"):
                         db.execute(f"RELEASE {savepoint}")
                 finally:
                     self._depth -= 1
+
+    def _reload_after_rollback(self) -> None:
+        """Bring cached collections back in line with the file after a rollback undid schema work."""
+        if self._stale and self._conn is not None:
+            # On failure the store stays marked stale and the next call retries.
+            with contextlib.suppress(apsw.Error, LocalStoreError):
+                self._refresh_schemas()
 
     @property
     def in_transaction(self) -> bool:
