@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -111,6 +112,15 @@ class ChangeLog:
 
         result: list[Change] = store._run(read, "reading the change log")
         return result
+
+    def iter_changes(self, after: int = 0, *, batch: int = DEFAULT_BATCH_ROWS) -> Iterator[Change]:
+        """Every change with seq greater than ``after``, read in batches of ``batch`` (each one snapshot)."""
+        while True:
+            chunk = self.changes(after, limit=batch)
+            if not chunk:
+                return
+            yield from chunk
+            after = chunk[-1].seq
 
     def _read_batch(self, db: Any, after: int, limit: int, max_bytes: int) -> list[Change]:
         names = {cid: name for cid, name in db.execute("SELECT id, name FROM _ls_collections")}

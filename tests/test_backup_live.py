@@ -18,15 +18,7 @@ WRITER_LIMIT = 20_000
 
 def all_changes(store: ls.Store) -> list[ls.Change]:
     """The whole change log, read in batches."""
-    out: list[ls.Change] = []
-    after = 0
-    for _ in range(100_000):
-        batch = store.changelog.changes(after, limit=1_000)
-        if not batch:
-            break
-        out += batch
-        after = batch[-1].seq
-    return out
+    return list(store.changelog.iter_changes(batch=1_000))
 
 
 def check_copy(target: Path, store_id: str) -> int:

@@ -390,3 +390,13 @@ def test_failed_write_leaves_no_record(store: ls.Store) -> None:
 def test_changelog_store_id(store: ls.Store) -> None:
     assert store.changelog.store_id == store.id
     assert store.changelog is store.changelog
+
+
+def test_iter_changes_reads_everything_in_batches(store: ls.Store) -> None:
+    coll = store.collection("it", key="k", fields={"k": ls.Text(), "n": ls.Integer()})
+    coll.put_many([{"k": f"k{i}", "n": i} for i in range(25)])
+    coll.delete("k3")
+    seen = list(store.changelog.iter_changes(batch=4))
+    assert [c.seq for c in seen] == list(range(1, 27))
+    assert seen[-1].op == "delete" and seen[-1].key == "k3"
+    assert [c.seq for c in store.changelog.iter_changes(after=20, batch=4)] == list(range(21, 27))

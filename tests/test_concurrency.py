@@ -19,15 +19,7 @@ PUTS_PER_PROC = 1_000
 
 def all_changes(store: ls.Store) -> list[ls.Change]:
     """The whole change log, read in batches."""
-    out: list[ls.Change] = []
-    after = 0
-    for _ in range(10_000):
-        batch = store.changelog.changes(after, limit=500)
-        if not batch:
-            break
-        out += batch
-        after = batch[-1].seq
-    return out
+    return list(store.changelog.iter_changes(batch=500))
 
 
 def check_multi_writer_store(path: Path, procs: int, puts: int) -> None:
