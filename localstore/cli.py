@@ -262,7 +262,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="the store file")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_expire)
+    _register_sync_commands(sub)
     return parser
+
+
+def _register_sync_commands(sub: Any) -> None:
+    """Add the sync engine's subcommands (sync, restore, ...) when localstore.sync provides them.
+
+    The engine never depends on sync; this lazy import is the one place the CLI reaches it.
+    """
+    try:
+        from localstore.sync import cli as sync_cli  # type: ignore[attr-defined, unused-ignore]
+    except ImportError:
+        return
+    sync_cli.register(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
