@@ -20,6 +20,7 @@ from ._sqlite import boundary, quote, scalar
 from .errors import ValidationError
 from .fields import _MISSING, Field, Integer, Real, Text
 from .query import check_limit, compile_order, compile_where
+from .derived import DerivedIndexes
 from .schema import CollectionSchema
 
 if TYPE_CHECKING:
@@ -58,6 +59,8 @@ class Collection:
         key_first = [schema.key] + [n for n in schema.fields if n != schema.key]
         self._order = tuple(key_first)
         self._plan = [(n, schema.fields[n], schema.fields[n].default, schema.fields[n].nullable) for n in key_first]
+        self._derived = DerivedIndexes(schema)
+        self._vector_positions = {n: key_first.index(n) for n in self._derived.vectors}
         self._compile_encoders()
         self._decoders = [
             (n, schema.fields[n].decode if type(schema.fields[n]).decode is not Field.decode else None)
@@ -76,7 +79,8 @@ class Collection:
         self._sql_put_logged = f"{upsert}; INSERT INTO _ls_changes(seq, hlc, coll, key, op) VALUES(?, ?, {schema.id}, ?, {OP_PUT})"
         self._sql_select = f"SELECT {cols} FROM {table}"
         self._sql_get = f"{self._sql_select} WHERE {kcol} = ?"
-        self._sql_delete = f"DELETE FROM {table} WHERE {kcol} = ?"
+        self._sql_delete = f"DELETE FROM {table} WHERE {kcol} = ? RETURNING rowid"
+        self._sql_rowids = f"SELECT {kcol}, rowid FROM {table} WHERE {kcol} IN (SELECT value FROM json_each(?))"
         self._sql_log_delete = f"INSERT INTO _ls_changes(seq, hlc, coll, key, op) VALUES(?, ?, {schema.id}, ?, {OP_DELETE})"
         self._sql_pack = "ls_pack(" + ", ".join(f"'{n}', {quote(n)}" for n in key_first) + ")"
         if schema.sync:
@@ -238,6 +242,20 @@ class Collection:
                 except UnicodeEncodeError:
                     self._raise_bad_text(bindings)
                     raise
+                if not self._derived.empty:
+                    rowids = self._rowids_of(bindings)
+                    self._derived.write(store._db, rowids, bindings)
+                    for name, pos in self._vector_positions.items():
+                        store._note_vectors(self.name, name, [(r, b[pos]) for r, b in zip(rowids, bindings)])
+
+    def _rowids_of(self, bindings: list[tuple[Any, ...]]) -> list[int]:
+        """The rowids of rows just written, in the order of ``bindings``."""
+        if isinstance(self._fields[self.key], Integer):
+            return [int(b[0]) for b in bindings]  # an Integer key is the rowid itself
+        import json
+
+        found = dict(self.store._db.execute(self._sql_rowids, (json.dumps([b[0] for b in bindings]),)))
+        return [found[b[0]] for b in bindings]
 
     def delete(self, key: Any) -> bool:
         """Delete the row with this key; return whether one existed."""
@@ -257,11 +275,17 @@ class Collection:
         store = self.store
         db = store._db
         deleted = []
+        rowids = []
         with boundary(store.path, f"deleting from {self.name!r}"):
             for key in keys:
-                db.execute(self._sql_delete, (key,))
-                if db.changes():
+                gone = db.execute(self._sql_delete, (key,)).fetchall()
+                if gone:
                     deleted.append(key)
+                    rowids.append(int(gone[0][0]))  # type: ignore[arg-type]
+            if rowids and not self._derived.empty:
+                self._derived.delete(db, rowids)
+                for name in self._vector_positions:
+                    store._note_vectors(self.name, name, [(r, None) for r in rowids])
             if deleted:
                 seq, hlc = store._allocate(len(deleted), self._schema.sync)
                 if self._schema.sync:
@@ -330,6 +354,40 @@ class Collection:
             sql += " LIMIT ? OFFSET ?"
             params += [-1 if limit is None else limit, offset or 0]
         return sql, params
+
+    def nearest(
+        self, field: str, vector: Any, k: int = 10, where: dict[str, Any] | None = None, *, engine: str = "auto"
+    ) -> Any:
+        """The ``k`` rows whose vector ``field`` is nearest ``vector``, as ``Hit(key, row, distance)``, nearest first.
+
+        ``vector`` may be a 2-D numpy array of queries; then one list of hits per row
+        is returned. ``where`` may use fields declared ``filter=True`` and is applied
+        before ranking, so exactly ``min(k, matching rows)`` hits come back. Distances
+        are the field's metric: cosine distance (1 - cos), L2, L1, or the Fisher-Rao
+        distance 2·arccos(Σ√(pq)). ``engine`` is ``"auto"`` (the in-memory matrix when
+        the store keeps one), ``"cache"`` or ``"vec0"`` (sqlite-vec); all are exact.
+        """
+        from .nearest import nearest
+
+        return nearest(self, field, vector, k, where, engine)
+
+    def search(
+        self,
+        text: str | None = None,
+        vector: Any = None,
+        k: int = 10,
+        where: dict[str, Any] | None = None,
+        *,
+        field: str | None = None,
+    ) -> Any:
+        """Hybrid search: BM25 over ``fulltext=True`` fields fused with vector nearness (reciprocal rank fusion).
+
+        Either ``text`` or ``vector`` may be given alone. Returns ``SearchHit(key, row,
+        score, text_rank, vector_rank)``, best first, ties in a fixed order.
+        """
+        from .nearest import search
+
+        return search(self, text, vector, k, where, field)
 
     def count(self, where: dict[str, Any] | None = None) -> int:
         """The number of rows matching ``where`` (all rows if None)."""

@@ -20,7 +20,7 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 #: Options accepted by every field type. The ones in ``_PENDING_OPTIONS`` are declared
 #: now and implemented by later work; asking for them raises ``NotYetSupportedError``.
-_PENDING_OPTIONS = ("encrypt", "compress", "filter", "fulltext")
+_PENDING_OPTIONS = ("encrypt", "compress")
 
 #: Vector metrics a ``Vector`` field may declare.
 VECTOR_METRICS = ("cosine", "l2", "l1", "fisher_rao")
@@ -83,6 +83,15 @@ class Field:
                     f"{collection}.{name}: the {option}=True option is declared but not implemented "
                     f"in this version of localstore; remove it for now"
                 )
+        if field.filter and field.type_name not in ("Text", "Integer", "Real", "Boolean"):
+            raise SchemaError(f"{collection}.{name}: filter=True works on Text, Integer, Real and Boolean fields only")
+        if field.fulltext and field.type_name != "Text":
+            raise SchemaError(f"{collection}.{name}: fulltext=True works on Text fields only")
+        if field.fulltext and getattr(field, "encrypt", False):
+            raise SchemaError(
+                f"{collection}.{name}: an encrypted field cannot be full-text indexed (the index would hold its "
+                "words in plaintext); drop fulltext=True or encrypt=True"
+            )
         if field.default is not None:
             try:
                 field.encode(field.default)
@@ -314,21 +323,29 @@ class Vector(Field):
     sql_type = "BLOB"
     comparable = False
 
-    def __init__(self, dim: int, metric: str = "cosine", **options: Any) -> None:
+    def __init__(self, dim: int, metric: str = "cosine", quantize: str | None = None, **options: Any) -> None:
         super().__init__(**options)
         if not isinstance(dim, int) or isinstance(dim, bool) or not 1 <= dim <= 8192:
             raise SchemaError(f"Vector dim must be an int between 1 and 8192, got {dim!r}")
         if metric not in VECTOR_METRICS:
             raise SchemaError(f"Vector metric must be one of {', '.join(VECTOR_METRICS)}; got {metric!r}")
+        if quantize not in (None, "int8", "bit"):
+            raise SchemaError(f"Vector quantize must be None, 'int8' or 'bit'; got {quantize!r}")
+        if quantize == "bit" and dim % 8:
+            raise SchemaError(f"Vector quantize='bit' needs a dim that is a multiple of 8, got {dim}")
         self.dim = dim
         self.metric = metric
+        self.quantize = quantize
 
     def _extra_spec(self) -> dict[str, Any]:
-        return {"dim": self.dim, "metric": self.metric}
+        extra: dict[str, Any] = {"dim": self.dim, "metric": self.metric}
+        if self.quantize:
+            extra["quantize"] = self.quantize
+        return extra
 
     @classmethod
     def _from_spec(cls, spec: dict[str, Any]) -> Field:
-        return cls(spec.pop("dim"), spec.pop("metric", "cosine"), **spec)
+        return cls(spec.pop("dim"), spec.pop("metric", "cosine"), spec.pop("quantize", None), **spec)
 
     def as_float32(self, value: Any) -> np.ndarray:
         """Validate a vector and return it as a 1-D float32 array of ``dim`` finite values."""
@@ -351,7 +368,12 @@ class Vector(Field):
         return out
 
     def encode(self, value: Any) -> Any:
-        return self.as_float32(value).tobytes()
+        array = self.as_float32(value)
+        if self.metric == "fisher_rao":
+            from .vectors import normalise_probability
+
+            array = normalise_probability(self, array)
+        return array.tobytes()
 
     def decode(self, stored: Any) -> Any:
         return np.frombuffer(stored, dtype="<f4").copy()

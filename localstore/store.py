@@ -17,15 +17,17 @@ import contextlib
 import os
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import apsw
 import msgpack
+import numpy as np
 
 from . import clock
 from . import schema as schema_mod
 from ._sqlite import (
+    quote,
     DEFAULT_BUSY_TIMEOUT_MS,
     DURABILITY,
     boundary,
@@ -43,7 +45,9 @@ from .errors import (
     StoreOpenError,
     UnknownCollectionError,
 )
-from .fields import Field
+from .derived import DerivedIndexes
+from .fields import Field, Vector
+from .knn import VectorCache
 
 if TYPE_CHECKING:
     from .changelog import ChangeLog
@@ -67,6 +71,9 @@ class _TxState:
     last_hlc: int = 0
     #: The value of ``last_seq`` when it was read from the file; the counter is written back at commit.
     stored_seq: int | None = None
+    #: Vector writes to apply to the in-memory caches once the transaction commits:
+    #: (collection, field, [(rowid, stored vector or None), ...]).
+    vector_deltas: list[tuple[str, str, list[tuple[int, Any]]]] = field(default_factory=list)
 
 
 class Store:
@@ -83,6 +90,7 @@ class Store:
         durability: str = "normal",
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
         create: bool = True,
+        vector_cache: bool = True,
     ) -> None:
         self.path = os.fspath(path)
         if durability not in DURABILITY:
@@ -120,6 +128,9 @@ class Store:
         self._stale = False
         self._clock_last = 0
         self._changelog: ChangeLog | None = None
+        self.vector_cache = bool(vector_cache)
+        self._vector_caches: dict[tuple[str, str], VectorCache] = {}
+        self._data_version: int | None = None
 
     # -- basics -------------------------------------------------------------------
 
@@ -205,8 +216,10 @@ class Store:
                 return coll
             if fields is None or key is None:
                 raise SchemaError(f"collection {name!r}: pass both key= and fields= to declare it, or neither to reopen it")
-            with self.transaction():
+            with self.transaction(), boundary(self.path, f"declaring collection {name!r}"):
+                previous = schema_mod.load_schema(self._db, name)
                 declared = schema_mod.declare(self._db, name, key, dict(fields), sync=sync, ttl=ttl)
+                DerivedIndexes(declared).ensure(self._db, previous)
             coll = self._collections.get(declared.name)
             if coll is None:
                 coll = Collection(self, declared)
@@ -269,6 +282,8 @@ class Store:
                             if tx is not None and tx.last_seq is not None and tx.last_seq != tx.stored_seq:
                                 db.execute("UPDATE _ls_meta SET value = ? WHERE key = 'last_seq'", (tx.last_seq,))
                             retry_busy(lambda: db.execute("COMMIT"), path=self.path)
+                        if tx is not None and tx.vector_deltas:
+                            self._apply_vector_deltas(tx.vector_deltas)
                     except BaseException:
                         with contextlib.suppress(apsw.Error):
                             db.execute("ROLLBACK")
@@ -282,6 +297,7 @@ class Store:
                 tx = self._tx
                 savepoint = f"_ls_sp{self._depth}"
                 saved = (tx.last_seq, tx.last_hlc)
+                saved_deltas = len(tx.vector_deltas)
                 with boundary(self.path, "opening a savepoint"):
                     db.execute(f"SAVEPOINT {savepoint}")
                 self._depth += 1
@@ -291,6 +307,7 @@ class Store:
                     with contextlib.suppress(apsw.Error):
                         db.execute(f"ROLLBACK TO {savepoint}; RELEASE {savepoint}")
                     tx.last_seq, tx.last_hlc = saved
+                    del tx.vector_deltas[saved_deltas:]
                     self._stale = True
                     self._reload_after_rollback()
                     raise
@@ -306,6 +323,53 @@ class Store:
             # On failure the store stays marked stale and the next call retries.
             with contextlib.suppress(apsw.Error, LocalStoreError):
                 self._refresh_schemas()
+
+    # -- vector caches and derived indexes ---------------------------------------------
+
+    def _note_vectors(self, collection: str, field_name: str, changes: list[tuple[int, Any]]) -> None:
+        """Queue vector writes of the current transaction for the in-memory caches."""
+        if self._tx is not None and (collection, field_name) in self._vector_caches:
+            self._tx.vector_deltas.append((collection, field_name, changes))
+
+    def _apply_vector_deltas(self, deltas: list[tuple[str, str, list[tuple[int, Any]]]]) -> None:
+        for collection, field_name, changes in deltas:
+            cache = self._vector_caches.get((collection, field_name))
+            if cache is not None:
+                cache.apply(changes)
+
+    def _vector_cache(self, collection: Collection, field_name: str) -> VectorCache | None:
+        """The in-memory matrix of a vector field, built or refreshed as needed; None if caching is off."""
+        if not self.vector_cache:
+            return None
+        db = self._db
+        version = scalar(db, "PRAGMA data_version")
+        if version != self._data_version:
+            # Another connection committed: cached matrices may be stale.
+            self._vector_caches.clear()
+            self._data_version = version
+        key = (collection.name, field_name)
+        cache = self._vector_caches.get(key)
+        field_spec = collection.fields[field_name]
+        if cache is None or getattr(cache, "spec", None) != field_spec.spec():
+            assert isinstance(field_spec, Vector)
+            cache = VectorCache(field_spec.metric, field_spec.dim)
+            col = quote(field_name)
+            rows = db.execute(f"SELECT rowid, {col} FROM {collection.schema.table} WHERE {col} IS NOT NULL ORDER BY rowid").fetchall()
+            cache.load(np.asarray([r[0] for r in rows], dtype=np.int64), [bytes(r[1]) for r in rows])  # type: ignore[arg-type]
+            cache.spec = field_spec.spec()  # type: ignore[attr-defined]
+            self._vector_caches[key] = cache
+        return cache
+
+    def reindex(self, collection: str | None = None) -> dict[str, dict[str, int]]:
+        """Rebuild the derived vec0 and FTS5 indexes from the rows; return rows indexed per index."""
+        names = [collection] if collection is not None else self.collections()
+        out: dict[str, dict[str, int]] = {}
+        with self.transaction(), boundary(self.path, "reindexing"):
+            for name in names:
+                coll = self.collection(name)
+                out[name] = coll._derived.rebuild(self._db)
+        self._vector_caches.clear()
+        return out
 
     @property
     def in_transaction(self) -> bool:
@@ -405,13 +469,16 @@ def open(
     durability: str = "normal",
     busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
     create: bool = True,
+    vector_cache: bool = True,
 ) -> Store:
     """Open one agent's store at ``path``, creating it (mode 0600) if missing.
 
     ``durability="full"`` makes every commit survive power loss (``synchronous=FULL``);
     the default ``"normal"`` survives process crashes and is several times faster.
+    ``vector_cache=False`` answers ``nearest`` through sqlite-vec alone instead of an
+    in-memory copy of each vector field (less memory, slower exact scans).
     """
-    return Store(path, durability=durability, busy_timeout_ms=busy_timeout_ms, create=create)
+    return Store(path, durability=durability, busy_timeout_ms=busy_timeout_ms, create=create, vector_cache=vector_cache)
 
 
 __all__ = ["LocalStoreError", "Store", "open"]

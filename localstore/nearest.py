@@ -1,0 +1,196 @@
+"""Similarity queries on a collection: ``nearest`` (exact KNN) and hybrid ``search``.
+
+``nearest`` answers from the in-memory matrix of the field (``knn.VectorCache``)
+when the store keeps one, else from the sqlite-vec index; both are exact, and
+both apply ``where`` before ranking, so a filtered query returns exactly
+``min(k, matching rows)`` hits. ``where`` may use the fields declared
+``filter=True``: they are vec0 metadata columns, and indexed in the row table.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from ._sqlite import boundary, quote
+from .errors import QueryError, ValidationError
+from .fields import Vector
+from .query import compile_where
+from .search import DEFAULT_FUSION_DEPTH, DEFAULT_FUSION_MIN, DEFAULT_RRF_K, SearchHit, fuse
+from .vectors import normalise_probability
+
+if TYPE_CHECKING:
+    from .collection import Collection
+
+#: The largest k a query may ask for (sqlite-vec's own limit).
+MAX_K = 4096
+
+ENGINES = ("auto", "cache", "vec0")
+
+
+class Hit(NamedTuple):
+    """One nearest-neighbour result: the row's key, the row, and its distance (smaller is nearer)."""
+
+    key: Any
+    row: dict[str, Any]
+    distance: float
+
+
+def _vector_field(coll: Collection, field: Any) -> Vector:
+    spec = coll.fields.get(field) if isinstance(field, str) else None
+    if not isinstance(spec, Vector):
+        vectors = [n for n, f in coll.fields.items() if isinstance(f, Vector)]
+        raise QueryError(
+            f"{coll.name}: {field!r} is not a Vector field; vector fields are {', '.join(vectors) or 'none'}"
+        )
+    return spec
+
+
+def _queries(spec: Vector, vector: Any) -> tuple[np.ndarray, bool]:
+    """Validate one vector or a 2-D batch; return a (m, dim) float32 array and whether it was a batch."""
+    if isinstance(vector, np.ndarray) and vector.ndim == 2:
+        rows = [spec.as_float32(v) for v in vector]
+        batch = True
+    else:
+        rows = [spec.as_float32(vector)]
+        batch = False
+    if spec.metric == "fisher_rao":
+        rows = [normalise_probability(spec, r) for r in rows]
+    if not rows:
+        raise ValidationError(f"{spec.collection}.{spec.name}: the query batch is empty")
+    return np.stack(rows).astype(np.float32), batch
+
+
+def _check_k(k: Any) -> int:
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
+        raise QueryError(f"k must be an int between 1 and {MAX_K}, got {k!r}")
+    return k
+
+
+def _filter_rowids(coll: Collection, where: dict[str, Any] | None) -> np.ndarray | None:
+    """Row ids matching ``where`` (restricted to filter fields), or None for no filter."""
+    if not where:
+        return None
+    if not isinstance(where, dict):
+        raise QueryError(f"{coll.name}: where must be a dict, got {where!r}")
+    filters = coll._derived.filters
+    for name in where:
+        if name not in filters:
+            raise QueryError(
+                f"{coll.name}.{name}: nearest() and search() filter only on fields declared filter=True "
+                f"({', '.join(filters) or 'none declared'}); redeclare the field with filter=True"
+            )
+    condition, params = compile_where(coll.schema, where)
+    sql = f"SELECT rowid FROM {coll.schema.table} WHERE {condition} ORDER BY rowid"
+    return np.asarray([r[0] for r in coll.store._db.execute(sql, params)], dtype=np.int64)
+
+
+def _rows_by_rowid(coll: Collection, rowids: list[int]) -> dict[int, dict[str, Any]]:
+    if not rowids:
+        return {}
+    sql = f"SELECT rowid, {', '.join(quote(n) for n in coll._order)} FROM {coll.schema.table} WHERE rowid IN (SELECT value FROM json_each(?))"
+    return {int(r[0]): coll._decode(r[1:]) for r in coll.store._db.execute(sql, (json.dumps(rowids),))}
+
+
+def nearest(
+    coll: Collection, field: str, vector: Any, k: int = 10, where: dict[str, Any] | None = None, engine: str = "auto"
+) -> list[Hit] | list[list[Hit]]:
+    """The ``k`` rows whose ``field`` is nearest ``vector`` (a list of lists for a 2-D batch)."""
+    spec = _vector_field(coll, field)
+    k = _check_k(k)
+    if engine not in ENGINES:
+        raise QueryError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    queries, batch = _queries(spec, vector)
+    store = coll.store
+    with store._lock, boundary(store.path, f"searching {coll.name}.{field}"):
+        store._db  # noqa: B018 - raises StoreClosedError on a closed store
+        if not store._depth:
+            store._refresh_schemas()
+        cache = store._vector_cache(coll, field) if engine in ("auto", "cache") else None
+        if engine == "cache" and cache is None:
+            raise QueryError("engine='cache' needs a store opened with vector_cache=True")
+        if cache is not None and not store._depth:
+            allowed = _filter_rowids(coll, where)
+            results = cache.search(queries, k, allowed)
+        else:
+            index = coll._derived.vectors[field]
+            results = [_vec0_exact(coll, spec, index, q, k, where) for q in queries]
+        rows = _rows_by_rowid(coll, sorted({r for result in results for r, _ in result}))
+    hits = [[Hit(rows[r][coll.key], rows[r], d) for r, d in result if r in rows] for result in results]
+    return hits if batch else hits[0]
+
+
+def _vec0_exact(coll: Collection, spec: Vector, index: Any, query: np.ndarray, k: int, where: Any) -> list[tuple[int, float]]:
+    """KNN through sqlite-vec; quantized indexes are rescored with the float vectors from the rows."""
+    found = index.knn(coll.store._db, query, k, where)
+    if spec.metric == "fisher_rao":
+        found = [(r, 2.0 * float(np.arcsin(min(1.0, np.sqrt(max(d, 0.0) / 2.0))) * 2.0)) for r, d in found]
+    if not spec.quantize:
+        return sorted(found, key=lambda rd: (rd[1], rd[0]))[:k]
+    from .knn import VectorCache
+
+    rowids = [r for r, _ in found]
+    sql = f"SELECT rowid, {quote(spec.name)} FROM {coll.schema.table} WHERE rowid IN (SELECT value FROM json_each(?))"
+    stored = dict(coll.store._db.execute(sql, (json.dumps(rowids),)))
+    scratch = VectorCache(spec.metric, spec.dim)
+    ids = [r for r in rowids if stored.get(r) is not None]
+    scratch.load(np.asarray(ids, dtype=np.int64), [stored[r] for r in ids])
+    return scratch.search(query[None, :], k)[0]
+
+
+def search(
+    coll: Collection,
+    text: str | None = None,
+    vector: Any = None,
+    k: int = 10,
+    where: dict[str, Any] | None = None,
+    field: str | None = None,
+    rrf_k: int = DEFAULT_RRF_K,
+) -> list[SearchHit]:
+    """Hybrid search: BM25 over the fulltext fields fused with vector nearness by reciprocal rank fusion."""
+    k = _check_k(k)
+    if text is None and vector is None:
+        raise QueryError(f"{coll.name}: search() needs text=, vector=, or both")
+    depth = max(k * DEFAULT_FUSION_DEPTH, DEFAULT_FUSION_MIN)
+    rankings: list[list[int]] = []
+    store = coll.store
+    if text is not None:
+        if not isinstance(text, str):
+            raise QueryError(f"{coll.name}: text must be a str, got {type(text).__name__}")
+        fts = coll._derived.fulltext
+        if fts is None:
+            raise QueryError(f"{coll.name}: no field is declared fulltext=True, so text search is not possible")
+        with store._lock, boundary(store.path, f"searching {coll.name}"):
+            allowed = _filter_rowids(coll, where)  # validates where
+            condition, params = compile_where(coll.schema, where) if where else ("", [])
+            rankings.append(fts.rank(store._db, text, depth, condition, params))
+            del allowed
+    else:
+        rankings.append([])
+    if vector is not None:
+        if field is None:
+            vectors = list(coll._derived.vectors)
+            if len(vectors) != 1:
+                raise QueryError(f"{coll.name}: pass field= to say which vector field to search ({', '.join(vectors) or 'none'})")
+            field = vectors[0]
+        hits = nearest(coll, field, vector, depth, where)
+        assert hits and isinstance(hits[0], Hit) or not hits
+        rowid_of = _rowids_for_keys(coll, [h.key for h in hits])  # type: ignore[union-attr]
+        rankings.append([rowid_of[h.key] for h in hits])  # type: ignore[union-attr]
+    else:
+        rankings.append([])
+    fused = fuse(rankings, rrf_k)[:k]
+    with store._lock, boundary(store.path, f"searching {coll.name}"):
+        rows = _rows_by_rowid(coll, [r for r, _, _ in fused])
+    return [
+        SearchHit(rows[r][coll.key], rows[r], score, ranks[0], ranks[1]) for r, score, ranks in fused if r in rows
+    ]
+
+
+def _rowids_for_keys(coll: Collection, keys: list[Any]) -> dict[Any, int]:
+    if not keys:
+        return {}
+    with coll.store._lock:
+        return dict(coll.store._db.execute(coll._sql_rowids, (json.dumps(keys),)))

@@ -1,0 +1,242 @@
+"""Vector indexes: one sqlite-vec ``vec0`` table per Vector field, kept in step with the rows.
+
+The row table is the source of truth (it holds the vector too); the vec0 table
+is derived and rebuilt by ``store.reindex()``. Each vec0 row has the row's rowid,
+the vector (as float32, or quantized to int8 or bits), and one metadata column
+per ``filter=True`` field of the collection, so filtered KNN runs inside vec0
+and returns exactly ``min(k, matching)`` hits.
+
+vec0 metadata columns cannot hold NULL, so a None filter value is stored as a
+sentinel and every comparison on that column also excludes the sentinel, which
+keeps SQL's NULL semantics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._sqlite import quote
+from .errors import QueryError, SchemaError, ValidationError
+from .fields import Boolean, Field, Integer, Real, Text, Vector
+
+if TYPE_CHECKING:
+    import apsw
+
+    from .schema import CollectionSchema
+
+#: sqlite-vec's distance_metric for each of our metrics. Fisher-Rao indexes sqrt(p) by cosine.
+VEC0_METRIC = {"cosine": "cosine", "l2": "L2", "l1": "L1", "fisher_rao": "cosine"}
+
+#: How many candidates a quantized first pass fetches per wanted hit before float rescoring.
+DEFAULT_QUANTIZED_OVERSAMPLE = 8
+
+_SENTINEL_TEXT = "\x00localstore:null"
+_SENTINEL_INT = -(2**63)
+_VEC0_TYPES: dict[type[Field], str] = {Text: "text", Integer: "integer", Real: "float", Boolean: "integer"}
+_MAX_METADATA = 16
+
+
+def vec_table(collection: str, field: str) -> str:
+    """The quoted name of the vec0 table indexing ``collection.field``."""
+    return quote(f"_ls_vec.{collection}.{field}")
+
+
+def filter_fields(schema: CollectionSchema) -> list[str]:
+    """The collection's ``filter=True`` fields, checked for types vec0 can hold."""
+    names = [n for n, f in schema.fields.items() if f.filter]
+    for name in names:
+        if type(schema.fields[name]) not in _VEC0_TYPES:
+            raise SchemaError(
+                f"{schema.name}.{name}: filter=True works on Text, Integer, Real and Boolean fields, "
+                f"not {schema.fields[name].type_name}"
+            )
+    if len(names) > _MAX_METADATA:
+        raise SchemaError(f"{schema.name}: at most {_MAX_METADATA} fields may be declared filter=True")
+    return names
+
+
+def _meta(name: str) -> str:
+    """The vec0 metadata column of a filter field: prefixed, so no name clashes with vec0's own columns.
+
+    vec0's parser takes bare names only; field names are validated identifiers, so that is safe.
+    """
+    return f"m_{name}"
+
+
+def _sentinel(field: Field) -> Any:
+    if isinstance(field, Text):
+        return _SENTINEL_TEXT
+    if isinstance(field, Real):
+        return -math.inf
+    return _SENTINEL_INT
+
+
+def fisher_rao_root(vector: np.ndarray) -> np.ndarray:
+    """sqrt(p) of a probability vector: the point whose cosine geometry gives Fisher-Rao order."""
+    return np.sqrt(np.maximum(vector, 0.0, dtype=np.float32), dtype=np.float32)
+
+
+def normalise_probability(field: Vector, array: np.ndarray) -> np.ndarray:
+    """Check a Fisher-Rao vector is non-negative with a positive sum, and scale it to sum to 1."""
+    if (array < 0).any():
+        raise ValidationError(
+            f"{field.collection}.{field.name}: a fisher_rao vector must be non-negative (a probability "
+            f"distribution); found {float(array.min())}"
+        )
+    total = float(array.sum(dtype=np.float64))
+    if not total > 0:
+        raise ValidationError(f"{field.collection}.{field.name}: a fisher_rao vector must have a positive sum")
+    return (array / np.float32(total)).astype("<f4")
+
+
+class VectorIndex:
+    """The vec0 index of one Vector field: its DDL, write maintenance and KNN query."""
+
+    def __init__(self, schema: CollectionSchema, field_name: str) -> None:
+        self.schema = schema
+        self.field_name = field_name
+        field = schema.fields[field_name]
+        assert isinstance(field, Vector)
+        self.field = field
+        self.table = vec_table(schema.name, field_name)
+        self.filters = filter_fields(schema)
+        order = [schema.key] + [n for n in schema.fields if n != schema.key]
+        self.vector_pos = order.index(field_name)
+        self.filter_pos = [order.index(n) for n in self.filters]
+        self.sentinels = [_sentinel(schema.fields[n]) for n in self.filters]
+        quant = field.quantize
+        self.value_sql = {None: "?", "int8": "vec_quantize_int8(?, 'unit')", "bit": "vec_quantize_binary(?)"}[quant]
+        cols = ", ".join(["rowid", "embedding", *(_meta(n) for n in self.filters)])
+        marks = ", ".join(["?", self.value_sql, *("?" for _ in self.filters)])
+        self.sql_insert = f"INSERT INTO {self.table}({cols}) VALUES({marks})"
+        self.sql_delete = f"DELETE FROM {self.table} WHERE rowid = ?"
+
+    # -- DDL --------------------------------------------------------------------------------
+
+    def ddl(self) -> str:
+        """The CREATE VIRTUAL TABLE statement for this index."""
+        dim = self.field.dim
+        kind = {None: f"float[{dim}]", "int8": f"int8[{dim}]", "bit": f"bit[{dim}]"}[self.field.quantize]
+        metric = "" if self.field.quantize == "bit" else f" distance_metric={VEC0_METRIC[self.field.metric]}"
+        meta = "".join(f", {_meta(n)} {_VEC0_TYPES[type(self.schema.fields[n])]}" for n in self.filters)
+        return f"CREATE VIRTUAL TABLE IF NOT EXISTS {self.table} USING vec0(embedding {kind}{metric}{meta})"
+
+    def create(self, db: apsw.Connection) -> None:
+        """Create the vec0 table if missing."""
+        db.execute(self.ddl())
+
+    def drop(self, db: apsw.Connection) -> None:
+        """Drop the vec0 table."""
+        db.execute(f"DROP TABLE IF EXISTS {self.table}")
+
+    def rebuild(self, db: apsw.Connection) -> int:
+        """Recreate the index from the row table (reclaiming deleted slots); return the rows indexed."""
+        self.drop(db)
+        self.create(db)
+        cols = ", ".join(quote(n) for n in [self.field_name, *self.filters])
+        rows = db.execute(
+            f"SELECT rowid, {cols} FROM {self.schema.table} WHERE {quote(self.field_name)} IS NOT NULL ORDER BY rowid"
+        )
+        count = 0
+        batch: list[tuple[Any, ...]] = []
+        for row in rows:
+            batch.append(self._binding(row[0], row[1], row[2:]))
+            if len(batch) >= 10_000:
+                db.executemany(self.sql_insert, batch)
+                count += len(batch)
+                batch = []
+        if batch:
+            db.executemany(self.sql_insert, batch)
+            count += len(batch)
+        return count
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def _binding(self, rowid: int, stored: bytes, filters: Any) -> tuple[Any, ...]:
+        vector = stored
+        if self.field.metric == "fisher_rao":
+            vector = fisher_rao_root(np.frombuffer(stored, dtype="<f4")).tobytes()
+        return (
+            rowid,
+            vector,
+            *(s if v is None else v for v, s in zip(filters, self.sentinels)),
+        )
+
+    def write(self, db: apsw.Connection, rowids: list[int], bindings: list[tuple[Any, ...]]) -> None:
+        """Replace the index entries of rows just written (``bindings`` are the encoded rows)."""
+        db.executemany(self.sql_delete, [(r,) for r in rowids])
+        pos, fpos = self.vector_pos, self.filter_pos
+        inserts = [
+            self._binding(rowid, b[pos], [b[p] for p in fpos])
+            for rowid, b in zip(rowids, bindings)
+            if b[pos] is not None
+        ]
+        if inserts:
+            db.executemany(self.sql_insert, inserts)
+
+    def delete(self, db: apsw.Connection, rowids: list[int]) -> None:
+        """Remove the index entries of deleted rows."""
+        db.executemany(self.sql_delete, [(r,) for r in rowids])
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def compile_filter(self, where: dict[str, Any] | None) -> tuple[str, list[Any]]:
+        """Turn a ``where`` on filter fields into vec0 metadata constraints (with sentinel care)."""
+        if not where:
+            return "", []
+        clauses: list[str] = []
+        params: list[Any] = []
+        for name, condition in where.items():
+            if name not in self.filters:
+                raise QueryError(
+                    f"{self.schema.name}.{name}: nearest() filters only on fields declared filter=True "
+                    f"({', '.join(self.filters) or 'none declared'})"
+                )
+            field = self.schema.fields[name]
+            sentinel = self.filters.index(name)
+            sentinel_value = self.sentinels[sentinel]
+            column = _meta(name)
+            tests = condition if isinstance(condition, dict) else {"=": condition}
+            for op, value in tests.items():
+                op = {"==": "="}.get(op, op)
+                if op in ("in", "not in"):
+                    values = [field.encode(v) for v in value if v is not None]
+                    if op == "in":
+                        if any(v is None for v in value):
+                            values.append(sentinel_value)
+                        clauses.append(f"{column} IN (SELECT value FROM json_each(?))")
+                    else:
+                        clauses.append(f"{column} NOT IN (SELECT value FROM json_each(?)) AND {column} != ?")
+                    params.append(json.dumps(values))
+                    if op == "not in":
+                        params.append(sentinel_value)
+                elif value is None and op in ("=", "!="):
+                    clauses.append(f"{column} {op} ?")
+                    params.append(sentinel_value)
+                elif op in ("=", "!=", "<", "<=", ">", ">="):
+                    clauses.append(f"{column} {op} ?")
+                    params.append(field.encode(value))
+                    if op != "=":
+                        clauses.append(f"{column} != ?")
+                        params.append(sentinel_value)
+                else:
+                    raise QueryError(f"{self.schema.name}.{name}: unknown operator {op!r}")
+        return " AND ".join(clauses), params
+
+    def knn(
+        self, db: apsw.Connection, query: np.ndarray, k: int, where: dict[str, Any] | None
+    ) -> list[tuple[int, float]]:
+        """The ``k`` nearest (rowid, vec0 distance) pairs by sqlite-vec, filters pushed into vec0."""
+        condition, params = self.compile_filter(where)
+        probe = fisher_rao_root(query) if self.field.metric == "fisher_rao" else query
+        fetch = k * DEFAULT_QUANTIZED_OVERSAMPLE if self.field.quantize else k
+        sql = (
+            f"SELECT rowid, distance FROM {self.table} WHERE embedding MATCH {self.value_sql} AND k = ?"
+            + (f" AND {condition}" if condition else "")
+            + " ORDER BY distance"
+        )
+        return [(int(r), float(d)) for r, d in db.execute(sql, [probe.astype("<f4").tobytes(), fetch, *params])]
