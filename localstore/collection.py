@@ -61,6 +61,7 @@ class Collection:
         self._plan = [(n, schema.fields[n], schema.fields[n].default, schema.fields[n].nullable) for n in key_first]
         self._derived = DerivedIndexes(schema)
         self._vector_positions = {n: key_first.index(n) for n in self._derived.vectors}
+        self._filter_positions = [key_first.index(n) for n in self._derived.filters]
         self._compile_encoders()
         self._decoders = [
             (n, schema.fields[n].decode if type(schema.fields[n]).decode is not Field.decode else None)
@@ -245,8 +246,11 @@ class Collection:
                 if not self._derived.empty:
                     rowids = self._rowids_of(bindings)
                     self._derived.write(store._db, rowids, bindings)
+                    fpos = self._filter_positions
                     for name, pos in self._vector_positions.items():
-                        store._note_vectors(self.name, name, [(r, b[pos]) for r, b in zip(rowids, bindings)])
+                        store._note_vectors(
+                            self.name, name, [(r, b[pos], tuple(b[p] for p in fpos)) for r, b in zip(rowids, bindings)]
+                        )
 
     def _rowids_of(self, bindings: list[tuple[Any, ...]]) -> list[int]:
         """The rowids of rows just written, in the order of ``bindings``."""
@@ -285,7 +289,7 @@ class Collection:
             if rowids and not self._derived.empty:
                 self._derived.delete(db, rowids)
                 for name in self._vector_positions:
-                    store._note_vectors(self.name, name, [(r, None) for r in rowids])
+                    store._note_vectors(self.name, name, [(r, None, None) for r in rowids])
             if deleted:
                 seq, hlc = store._allocate(len(deleted), self._schema.sync)
                 if self._schema.sync:

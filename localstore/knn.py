@@ -1,17 +1,22 @@
 """Exact nearest-neighbour search over an in-memory copy of a vector field.
 
-sqlite-vec's brute-force scan is exact but runs about 8x slower than a BLAS
+sqlite-vec's brute-force scan is exact but runs several times slower than a BLAS
 matrix-vector product over the same float32 matrix. ``VectorCache`` keeps that
-matrix in memory for one (collection, field): built from the row table on first
-use, patched by every commit made through the same store object, and rebuilt
-when another connection commits (SQLite's ``data_version`` tells). Results are
-exact: the scoring is the metric itself, and L2 candidates are rescored with the
-direct difference to undo the rounding of the ||x||² - 2x·q + ||q||² expansion.
+matrix in memory for one (collection, field), with the collection's
+``filter=True`` columns beside it: built from the row table on first use, patched
+by every commit made through the same store object, and rebuilt when another
+connection commits (SQLite's ``data_version`` tells). Filters are evaluated on
+those columns before ranking, with SQL's NULL semantics, so a filtered query
+costs no more than an unfiltered one and returns exactly ``min(k, matching)``.
+
+Ranking runs in float32 through BLAS; a margin of candidates is then rescored in
+float64 with the metric's direct formula, so the order and distances are exact.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import operator
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,70 +27,137 @@ DEFAULT_L1_CHUNK = 8_192
 #: Candidates rescored in float64 per wanted hit (plus 16), so float32 ranking stays exact.
 DEFAULT_RESCORE = 2
 
+_COMPARE: dict[str, Callable[[Any, Any], Any]] = {
+    "=": operator.eq, "==": operator.eq, "!=": operator.ne,
+    "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
+}
+
+
+class FilterColumn:
+    """One filter field's values by slot: text as integer codes, numbers as int64 or float64, with a null mask."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind  # "text", "int" or "real"
+        self.dtype = {"text": np.int64, "int": np.int64, "real": np.float64}[kind]
+        self.values = np.zeros(0, dtype=self.dtype)
+        self.null = np.zeros(0, dtype=bool)
+        self.codes: dict[Any, int] = {}
+        self.texts: list[Any] = []
+
+    def _code(self, value: Any) -> int:
+        code = self.codes.get(value)
+        if code is None:
+            code = self.codes[value] = len(self.texts)
+            self.texts.append(value)
+        return code
+
+    def put(self, slots: slice, values: Sequence[Any]) -> None:
+        """Store ``values`` (stored encodings, None for NULL) at ``slots``."""
+        self.null[slots] = [v is None for v in values]
+        if self.kind == "text":
+            self.values[slots] = [-1 if v is None else self._code(v) for v in values]
+        else:
+            self.values[slots] = [0 if v is None else v for v in values]
+
+    def resize(self, capacity: int, size: int) -> None:
+        """Grow the arrays to ``capacity`` keeping the first ``size`` slots."""
+        for name, dtype in (("values", self.dtype), ("null", bool)):
+            new = np.zeros(capacity, dtype=dtype)
+            new[:size] = getattr(self, name)[:size]
+            setattr(self, name, new)
+
+    def keep(self, slots: np.ndarray) -> None:
+        """Keep only ``slots``, in order (compaction)."""
+        self.values, self.null = self.values[slots], self.null[slots]
+
+    def test(self, op: str, value: Any, size: int) -> np.ndarray:
+        """The slots where ``column op value`` holds, as SQL would decide (NULL never matches a comparison)."""
+        values, null = self.values[:size], self.null[:size]
+        if op in ("in", "not in"):
+            wanted = list(value)
+            has_null = any(v is None for v in wanted)
+            wanted = [v for v in wanted if v is not None]
+            if self.kind == "text":
+                wanted = [self.codes[v] for v in wanted if v in self.codes]
+            hit = np.isin(values, np.asarray(wanted, dtype=self.dtype)) & ~null
+            if op == "in":
+                return hit | null if has_null else hit
+            return ~hit & ~null
+        if value is None:
+            return null.copy() if op in ("=", "==") else ~null
+        compare = _COMPARE[op]
+        if self.kind == "text":
+            if op in ("=", "=="):
+                code = self.codes.get(value)
+                return (values == code) & ~null if code is not None else np.zeros(size, dtype=bool)
+            allowed = [c for text, c in self.codes.items() if compare(text, value)]
+            return np.isin(values, np.asarray(allowed, dtype=np.int64)) & ~null
+        return np.asarray(compare(values, value)) & ~null
+
 
 class VectorCache:
-    """An in-memory float32 matrix of one vector field, addressable by row id."""
+    """An in-memory float32 matrix of one vector field and its filter columns, addressable by row id."""
 
-    def __init__(self, metric: str, dim: int) -> None:
+    def __init__(self, metric: str, dim: int, filters: dict[str, str] | None = None) -> None:
         self.metric = metric
         self.dim = dim
         self.matrix = np.zeros((0, dim), dtype=np.float32)
         self.rowids = np.zeros(0, dtype=np.int64)
         self.alive = np.zeros(0, dtype=bool)
-        self.sq_norms = np.zeros(0, dtype=np.float32)
+        self.columns = {name: FilterColumn(kind) for name, kind in (filters or {}).items()}
         self.size = 0
         self.dead = 0
         self.slot: dict[int, int] = {}
+        self.spec: Any = None
 
     # -- building and patching --------------------------------------------------------------
 
     def _prepare(self, vectors: np.ndarray) -> np.ndarray:
-        """Turn stored vectors into the form scored: unit rows for cosine, sqrt(p) for Fisher-Rao."""
+        """Turn vectors into the form scored: unit rows for cosine, sqrt(p) for Fisher-Rao."""
         if self.metric == "cosine":
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-            np.maximum(norms, np.float32(1e-30), out=norms)
-            return (vectors / norms).astype(np.float32, copy=False)
+            np.maximum(norms, 1e-30, out=norms)
+            return np.asarray(vectors / norms, dtype=vectors.dtype)
         if self.metric == "fisher_rao":
-            return np.sqrt(np.maximum(vectors, 0, dtype=np.float32), dtype=np.float32)
+            return np.asarray(np.sqrt(np.maximum(vectors, 0)), dtype=vectors.dtype)
         return vectors
 
-    def load(self, rowids: np.ndarray, blobs: Sequence[bytes]) -> None:
-        """Replace the contents with these rows (stored float32 bytes)."""
-        n = len(blobs)
-        raw = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(n, self.dim) if n else np.zeros((0, self.dim), np.float32)
-        self.matrix = np.ascontiguousarray(self._prepare(raw.astype(np.float32, copy=False)))
-        self.rowids = np.asarray(rowids, dtype=np.int64)
-        self.alive = np.ones(n, dtype=bool)
-        self.sq_norms = np.einsum("ij,ij->i", self.matrix, self.matrix) if self.metric == "l2" else np.zeros(0, np.float32)
-        self.size = n
-        self.dead = 0
-        self.slot = {int(r): i for i, r in enumerate(self.rowids.tolist())}
+    def load(self, rowids: Sequence[int], blobs: Sequence[bytes], filter_rows: Sequence[Sequence[Any]] = ()) -> None:
+        """Replace the contents with these rows: stored float32 bytes and filter values (in column order)."""
+        self.size = self.dead = 0
+        self.slot = {}
+        self.matrix = np.zeros((0, self.dim), dtype=np.float32)
+        self.rowids = np.zeros(0, dtype=np.int64)
+        self.alive = np.zeros(0, dtype=bool)
+        for column in self.columns.values():
+            column.resize(0, 0)
+        self.apply([(r, b, f) for r, b, f in zip(rowids, blobs, filter_rows or [()] * len(blobs))])
 
-    def apply(self, changes: Sequence[tuple[int, bytes | None]]) -> None:
-        """Apply committed writes in order: (rowid, stored vector bytes) or (rowid, None) for removal."""
-        appended: list[tuple[int, bytes]] = []
-        for rowid, blob in changes:
+    def apply(self, changes: Sequence[tuple[int, bytes | None, Sequence[Any] | None]]) -> None:
+        """Apply committed writes in order: (rowid, stored vector bytes, filter values), or (rowid, None, None)."""
+        latest: dict[int, tuple[bytes, Sequence[Any]]] = {}
+        for rowid, blob, filters in changes:
             slot = self.slot.pop(rowid, None)
             if slot is not None and self.alive[slot]:
                 self.alive[slot] = False
                 self.dead += 1
+            latest.pop(rowid, None)
             if blob is not None:
-                appended.append((rowid, blob))
-        if appended:
-            # A rowid written twice in one batch keeps only its last vector.
-            last = {r: b for r, b in appended}
-            rows = np.frombuffer(b"".join(last.values()), dtype="<f4").reshape(len(last), self.dim)
-            prepared = self._prepare(rows.astype(np.float32))
+                latest[rowid] = (blob, filters or ())
+        if latest:
+            count = len(latest)
+            rows = np.frombuffer(b"".join(b for b, _ in latest.values()), dtype="<f4").reshape(count, self.dim)
             start = self.size
-            self._grow(len(last))
-            self.matrix[start : start + len(last)] = prepared
-            self.rowids[start : start + len(last)] = list(last)
-            self.alive[start : start + len(last)] = True
-            if self.metric == "l2":
-                self.sq_norms[start : start + len(last)] = np.einsum("ij,ij->i", prepared, prepared)
-            for i, rowid in enumerate(last):
+            self._grow(count)
+            span = slice(start, start + count)
+            self.matrix[span] = self._prepare(rows.astype(np.float32))
+            self.rowids[span] = list(latest)
+            self.alive[span] = True
+            for i, column in enumerate(self.columns.values()):
+                column.put(span, [f[i] if i < len(f) else None for _, f in latest.values()])
+            for i, rowid in enumerate(latest):
                 self.slot[rowid] = start + i
-            self.size += len(last)
+            self.size += count
         if self.dead > 1024 and self.dead > self.size // 4:
             self._compact()
 
@@ -94,18 +166,22 @@ class VectorCache:
         if need <= len(self.matrix):
             return
         capacity = max(need, int(len(self.matrix) * 1.5) + 1024)
-        for name, dtype in (("matrix", np.float32), ("rowids", np.int64), ("alive", bool), ("sq_norms", np.float32)):
-            old = getattr(self, name)
-            shape = (capacity, self.dim) if name == "matrix" else (capacity,)
-            new = np.zeros(shape, dtype=dtype)
-            new[: min(len(old), self.size)] = old[: self.size]
-            setattr(self, name, new)
+        matrix = np.zeros((capacity, self.dim), dtype=np.float32)
+        matrix[: self.size] = self.matrix[: self.size]
+        rowids = np.zeros(capacity, dtype=np.int64)
+        rowids[: self.size] = self.rowids[: self.size]
+        alive = np.zeros(capacity, dtype=bool)
+        alive[: self.size] = self.alive[: self.size]
+        self.matrix, self.rowids, self.alive = matrix, rowids, alive
+        for column in self.columns.values():
+            column.resize(capacity, self.size)
 
     def _compact(self) -> None:
         keep = np.flatnonzero(self.alive[: self.size])
         self.matrix = np.ascontiguousarray(self.matrix[keep])
         self.rowids = self.rowids[keep]
-        self.sq_norms = self.sq_norms[keep] if self.metric == "l2" else self.sq_norms
+        for column in self.columns.values():
+            column.keep(keep)
         self.size = len(keep)
         self.alive = np.ones(self.size, dtype=bool)
         self.dead = 0
@@ -118,27 +194,21 @@ class VectorCache:
 
     # -- search ---------------------------------------------------------------------------------
 
-    def mask_for(self, allowed_rowids: np.ndarray | None) -> np.ndarray:
-        """The live slots, restricted to ``allowed_rowids`` when given."""
-        live = self.alive[: self.size].copy()
-        if allowed_rowids is not None:
-            live &= np.isin(self.rowids[: self.size], allowed_rowids, assume_unique=False)
-        return live
+    def where_mask(self, conditions: Sequence[tuple[str, str, Any]]) -> np.ndarray:
+        """The live slots meeting every (field, op, stored value) condition."""
+        mask = self.alive[: self.size].copy()
+        for name, op, value in conditions:
+            mask &= self.columns[name].test(op, value, self.size)
+        return mask
 
     def distances(self, queries: np.ndarray) -> np.ndarray:
-        """Distances from each query (rows of ``queries``) to every slot: shape (len(queries), size)."""
+        """Float32 distances (for ranking) from each query to every slot: shape (len(queries), size)."""
         m = self.matrix[: self.size]
         if self.metric in ("cosine", "fisher_rao"):
-            q = self._prepare(queries)
-            dots = q @ m.T
-            if self.metric == "cosine":
-                return 1.0 - dots
-            return 2.0 * np.arccos(np.clip(dots, -1.0, 1.0))
+            dots = self._prepare(queries) @ m.T
+            return np.asarray(1.0 - dots)  # same order as the metric; exact values come from rescoring
         if self.metric == "l2":
-            dots = queries @ m.T
-            q2 = np.einsum("ij,ij->i", queries, queries)[:, None]
-            sq = self.sq_norms[: self.size][None, :] - 2.0 * dots + q2
-            return np.sqrt(np.maximum(sq, 0.0))
+            return np.asarray(np.einsum("ij,ij->i", m, m)[None, :] - 2.0 * (queries @ m.T))
         out = np.empty((len(queries), self.size), dtype=np.float32)
         for start in range(0, self.size, DEFAULT_L1_CHUNK):
             block = m[start : start + DEFAULT_L1_CHUNK]
@@ -146,47 +216,38 @@ class VectorCache:
         return out
 
     def _exact(self, rows: np.ndarray, query: np.ndarray) -> np.ndarray:
-        """Distances from prepared float64 ``rows`` to one prepared query, computed directly."""
+        """Distances from prepared float64 ``rows`` to one prepared float64 query, by the metric's formula."""
         if self.metric == "cosine":
             norms = np.linalg.norm(rows, axis=1) * np.linalg.norm(query)
-            cos = (rows @ query) / np.where(norms > 0, norms, 1.0)
-            return np.asarray(1.0 - cos)
+            return np.asarray(1.0 - (rows @ query) / np.where(norms > 0, norms, 1.0))
         if self.metric == "fisher_rao":
-            # rows and query hold sqrt(p): Σ√p√q is the Bhattacharyya coefficient.
+            # rows and query hold sqrt(p), so rows @ query is the Bhattacharyya coefficient.
             return np.asarray(2.0 * np.arccos(np.clip(rows @ query, -1.0, 1.0)))
         diff = rows - query
         if self.metric == "l2":
             return np.asarray(np.sqrt(np.einsum("ij,ij->i", diff, diff)))
         return np.asarray(np.abs(diff).sum(axis=1))
 
-    def search(
-        self, queries: np.ndarray, k: int, allowed_rowids: np.ndarray | None = None
-    ) -> list[list[tuple[int, float]]]:
-        """The ``k`` nearest (rowid, distance) per query, nearest first, ties by rowid."""
+    def search(self, queries: np.ndarray, k: int, mask: np.ndarray | None = None) -> list[list[tuple[int, float]]]:
+        """The ``k`` nearest (rowid, distance) per query among ``mask`` (default: all live), nearest first."""
         queries = np.atleast_2d(queries).astype(np.float32, copy=False)
-        mask = self.mask_for(allowed_rowids)
+        if mask is None:
+            mask = self.alive[: self.size]
         candidates = np.flatnonzero(mask)
-        results: list[list[tuple[int, float]]] = []
         if not len(candidates) or k <= 0:
             return [[] for _ in range(len(queries))]
         whole = len(candidates) == self.size
-        dist_all = self.distances(queries)
-        prepared = self._prepare(queries).astype(np.float64)
+        ranking = self.distances(queries)
+        prepared = self._prepare(queries.astype(np.float64))
+        results: list[list[tuple[int, float]]] = []
         for qi in range(len(queries)):
-            dist = dist_all[qi] if whole else dist_all[qi, candidates]
+            dist = ranking[qi] if whole else ranking[qi, candidates]
             want = min(k, len(dist))
-            # Rank in float32, then rescore a margin of candidates in float64 so that
-            # rounding cannot reorder the results or blur the distances returned.
             take = min(len(dist), want * DEFAULT_RESCORE + 16)
             top = np.argpartition(dist, take - 1)[:take] if take < len(dist) else np.arange(len(dist))
             slots = top if whole else candidates[top]
-            d = self._exact(self.matrix[slots].astype(np.float64), prepared[qi])
+            exact = self._exact(self.matrix[slots].astype(np.float64), prepared[qi])
             rowids = self.rowids[slots]
-            order = np.lexsort((rowids, d))[:want]
-            results.append([(int(rowids[i]), float(d[i])) for i in order])
+            order = np.lexsort((rowids, exact))[:want]
+            results.append([(int(rowids[i]), float(exact[i])) for i in order])
         return results
-
-
-def as_rowid_array(rowids: Any) -> np.ndarray:
-    """A sorted int64 array of row ids."""
-    return np.unique(np.asarray(list(rowids), dtype=np.int64))

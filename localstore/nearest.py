@@ -69,22 +69,30 @@ def _check_k(k: Any) -> int:
     return k
 
 
-def _filter_rowids(coll: Collection, where: dict[str, Any] | None) -> np.ndarray | None:
-    """Row ids matching ``where`` (restricted to filter fields), or None for no filter."""
+def _check_filter_where(coll: Collection, where: dict[str, Any] | None) -> list[tuple[str, str, Any]]:
+    """Validate a nearest/search ``where`` and return its conditions as (field, op, stored value)."""
     if not where:
-        return None
+        return []
     if not isinstance(where, dict):
         raise QueryError(f"{coll.name}: where must be a dict, got {where!r}")
     filters = coll._derived.filters
-    for name in where:
+    compile_where(coll.schema, where)  # the same validation and errors as find()
+    out: list[tuple[str, str, Any]] = []
+    for name, condition in where.items():
         if name not in filters:
             raise QueryError(
                 f"{coll.name}.{name}: nearest() and search() filter only on fields declared filter=True "
                 f"({', '.join(filters) or 'none declared'}); redeclare the field with filter=True"
             )
-    condition, params = compile_where(coll.schema, where)
-    sql = f"SELECT rowid FROM {coll.schema.table} WHERE {condition} ORDER BY rowid"
-    return np.asarray([r[0] for r in coll.store._db.execute(sql, params)], dtype=np.int64)
+        field = coll.schema.fields[name]
+        tests = condition if isinstance(condition, dict) else {"=": condition}
+        for op, value in tests.items():
+            op = op.lower()
+            if op in ("in", "not in"):
+                out.append((name, op, [None if v is None else field.encode(v) for v in value]))
+            else:
+                out.append((name, op, None if value is None else field.encode(value)))
+    return out
 
 
 def _rows_by_rowid(coll: Collection, rowids: list[int]) -> dict[int, dict[str, Any]]:
@@ -111,9 +119,10 @@ def nearest(
         cache = store._vector_cache(coll, field) if engine in ("auto", "cache") else None
         if engine == "cache" and cache is None:
             raise QueryError("engine='cache' needs a store opened with vector_cache=True")
+        conditions = _check_filter_where(coll, where)
         if cache is not None and not store._depth:
-            allowed = _filter_rowids(coll, where)
-            results = cache.search(queries, k, allowed)
+            mask = cache.where_mask(conditions) if conditions else None
+            results = cache.search(queries, k, mask)
         else:
             index = coll._derived.vectors[field]
             results = [_vec0_exact(coll, spec, index, q, k, where) for q in queries]
@@ -136,7 +145,7 @@ def _vec0_exact(coll: Collection, spec: Vector, index: Any, query: np.ndarray, k
     stored = dict(coll.store._db.execute(sql, (json.dumps(rowids),)))
     scratch = VectorCache(spec.metric, spec.dim)
     ids = [r for r in rowids if stored.get(r) is not None]
-    scratch.load(np.asarray(ids, dtype=np.int64), [stored[r] for r in ids])
+    scratch.load(ids, [stored[r] for r in ids])
     return scratch.search(query[None, :], k)[0]
 
 
@@ -163,10 +172,9 @@ def search(
         if fts is None:
             raise QueryError(f"{coll.name}: no field is declared fulltext=True, so text search is not possible")
         with store._lock, boundary(store.path, f"searching {coll.name}"):
-            allowed = _filter_rowids(coll, where)  # validates where
+            _check_filter_where(coll, where)
             condition, params = compile_where(coll.schema, where) if where else ("", [])
             rankings.append(fts.rank(store._db, text, depth, condition, params))
-            del allowed
     else:
         rankings.append([])
     if vector is not None:

@@ -73,7 +73,7 @@ class _TxState:
     stored_seq: int | None = None
     #: Vector writes to apply to the in-memory caches once the transaction commits:
     #: (collection, field, [(rowid, stored vector or None), ...]).
-    vector_deltas: list[tuple[str, str, list[tuple[int, Any]]]] = field(default_factory=list)
+    vector_deltas: list[tuple[str, str, list[tuple[int, Any, Any]]]] = field(default_factory=list)
 
 
 class Store:
@@ -326,12 +326,12 @@ class Store:
 
     # -- vector caches and derived indexes ---------------------------------------------
 
-    def _note_vectors(self, collection: str, field_name: str, changes: list[tuple[int, Any]]) -> None:
+    def _note_vectors(self, collection: str, field_name: str, changes: list[tuple[int, Any, Any]]) -> None:
         """Queue vector writes of the current transaction for the in-memory caches."""
         if self._tx is not None and (collection, field_name) in self._vector_caches:
             self._tx.vector_deltas.append((collection, field_name, changes))
 
-    def _apply_vector_deltas(self, deltas: list[tuple[str, str, list[tuple[int, Any]]]]) -> None:
+    def _apply_vector_deltas(self, deltas: list[tuple[str, str, list[tuple[int, Any, Any]]]]) -> None:
         for collection, field_name, changes in deltas:
             cache = self._vector_caches.get((collection, field_name))
             if cache is not None:
@@ -350,13 +350,17 @@ class Store:
         key = (collection.name, field_name)
         cache = self._vector_caches.get(key)
         field_spec = collection.fields[field_name]
-        if cache is None or getattr(cache, "spec", None) != field_spec.spec():
+        if cache is None or cache.spec != (field_spec.spec(), tuple(collection._derived.filters)):
             assert isinstance(field_spec, Vector)
-            cache = VectorCache(field_spec.metric, field_spec.dim)
-            col = quote(field_name)
-            rows = db.execute(f"SELECT rowid, {col} FROM {collection.schema.table} WHERE {col} IS NOT NULL ORDER BY rowid").fetchall()
-            cache.load(np.asarray([r[0] for r in rows], dtype=np.int64), [bytes(r[1]) for r in rows])  # type: ignore[arg-type]
-            cache.spec = field_spec.spec()  # type: ignore[attr-defined]
+            filters = collection._derived.filters
+            kinds = {n: _FILTER_KINDS[collection.fields[n].type_name] for n in filters}
+            cache = VectorCache(field_spec.metric, field_spec.dim, kinds)
+            cols = ", ".join(quote(n) for n in [field_name, *filters])
+            rows = db.execute(
+                f"SELECT rowid, {cols} FROM {collection.schema.table} WHERE {quote(field_name)} IS NOT NULL ORDER BY rowid"
+            ).fetchall()
+            cache.load([int(r[0]) for r in rows], [r[1] for r in rows], [r[2:] for r in rows])  # type: ignore[arg-type, misc]
+            cache.spec = (field_spec.spec(), tuple(filters))
             self._vector_caches[key] = cache
         return cache
 
@@ -453,6 +457,9 @@ class Store:
 
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+
+#: How the in-memory vector cache holds each filter field type.
+_FILTER_KINDS = {"Text": "text", "Integer": "int", "Boolean": "int", "Real": "real"}
 
 
 def _looks_like_sqlite(path: str) -> bool:

@@ -77,7 +77,7 @@ def _sentinel(field: Field) -> Any:
 
 def fisher_rao_root(vector: np.ndarray) -> np.ndarray:
     """sqrt(p) of a probability vector: the point whose cosine geometry gives Fisher-Rao order."""
-    return np.sqrt(np.maximum(vector, 0.0, dtype=np.float32), dtype=np.float32)
+    return np.asarray(np.sqrt(np.maximum(vector, 0.0, dtype=np.float32), dtype=np.float32))
 
 
 def normalise_probability(field: Vector, array: np.ndarray) -> np.ndarray:

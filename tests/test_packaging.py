@@ -13,7 +13,7 @@ def test_sync_folder_is_imported_as_localstore_sync() -> None:
     import localstore.sync as sync
 
     assert Path(sync.__file__).resolve().parent == ROOT / "sync"
-    assert sync.__doc__ and "PostgreSQL" in sync.__doc__
+    assert sync.__doc__ and "Postgres" in sync.__doc__
 
 
 def test_public_api_is_exactly_all() -> None:
