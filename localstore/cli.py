@@ -188,9 +188,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_optimize(args: argparse.Namespace) -> int:
     with _open(args.path) as store:
         before = store.stats().file_bytes
-        store.optimize(vacuum=args.vacuum)
+        done = store.optimize(vacuum=True if args.vacuum else None)
         after = store.stats().file_bytes
-    print(f"optimized {args.path}: {_human_bytes(before)} -> {_human_bytes(after)}")
+    rebuilt = f", rebuilt vector indexes of {', '.join(done['rebuilt_indexes'])}" if done["rebuilt_indexes"] else ""
+    vacuumed = ", vacuumed" if done["vacuumed"] else ""
+    print(f"optimized {args.path}: {_human_bytes(before)} -> {_human_bytes(after)}{rebuilt}{vacuumed}")
     return 0
 
 
@@ -253,9 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_verify)
 
-    p = add("optimize", "Run SQLite's optimize, checkpoint the WAL, and optionally vacuum.")
+    p = add("optimize", "Rebuild fragmented vector indexes, refresh statistics, vacuum when worth it.")
     p.add_argument("path", help="the store file")
-    p.add_argument("--vacuum", action="store_true", help="rebuild the file to give free pages back")
+    p.add_argument("--vacuum", action="store_true", help="always vacuum (by default only when over 20%% is free)")
     p.set_defaults(func=cmd_optimize)
 
     p = add("expire", "Delete rows older than their collection's TTL.")

@@ -15,6 +15,7 @@ from . import clock
 from . import schema as schema_mod
 from ._sqlite import boundary, create_private_file, quote, retry_busy, scalar, translate
 from .collection import OP_DELETE, OP_PUT
+from .derived import DerivedIndexes
 from .errors import BackupError, LocalStoreError
 
 if TYPE_CHECKING:
@@ -170,6 +171,36 @@ def _verify_in_snapshot(store: Store, db: apsw.Connection, report: VerifyReport)
         report.problems.append(f"{orphans} change records name no known collection")
 
 
+def _verify_derived(db: apsw.Connection, sch: schema_mod.CollectionSchema, report: VerifyReport) -> None:
+    """The vec0 and FTS5 indexes hold exactly the rows that have values (``store.reindex()`` repairs them)."""
+    derived = DerivedIndexes(sch)
+    for name, index in derived.vectors.items():
+        try:
+            indexed = int(scalar(db, f"SELECT count(*) FROM {index.table}"))
+        except apsw.SQLError:
+            report.problems.append(f"collection {sch.name!r}: the vector index of {name!r} is missing; run store.reindex()")
+            continue
+        rows = int(scalar(db, f"SELECT count(*) FROM {sch.table} WHERE {quote(name)} IS NOT NULL"))
+        if indexed != rows:
+            report.problems.append(
+                f"collection {sch.name!r}: the vector index of {name!r} holds {indexed} entries for {rows} rows; "
+                "run store.reindex()"
+            )
+    if derived.fulltext is not None:
+        fts = derived.fulltext
+        try:
+            indexed = int(scalar(db, f"SELECT count(*) FROM {fts.table}"))
+        except apsw.SQLError:
+            report.problems.append(f"collection {sch.name!r}: the full-text index is missing; run store.reindex()")
+            return
+        present = " OR ".join(f"{quote(n)} IS NOT NULL" for n in fts.fields)
+        rows = int(scalar(db, f"SELECT count(*) FROM {sch.table} WHERE {present}"))
+        if indexed != rows:
+            report.problems.append(
+                f"collection {sch.name!r}: the full-text index holds {indexed} entries for {rows} rows; run store.reindex()"
+            )
+
+
 def _pruned_through(db: apsw.Connection) -> int:
     return int(scalar(db, "SELECT coalesce((SELECT value FROM _ls_meta WHERE key='pruned_through'), 0)"))
 
@@ -186,6 +217,7 @@ def _verify_collection(db: apsw.Connection, sch: schema_mod.CollectionSchema, re
         report.problems.append(f"collection {sch.name!r}: columns missing from its table: {', '.join(missing)}")
         return
     report.collections[sch.name] = int(scalar(db, f"SELECT count(*) FROM {table}"))
+    _verify_derived(db, sch, report)
     key = quote(sch.key)
     if not sch.sync:
         return
@@ -216,16 +248,38 @@ def _verify_collection(db: apsw.Connection, sch: schema_mod.CollectionSchema, re
         report.problems.append(f"collection {sch.name!r}: {dangling} change records lost their row payload")
 
 
-def optimize(store: Store, *, vacuum: bool = False) -> None:
-    """Run ``PRAGMA optimize``, optionally ``VACUUM``, and truncate the WAL."""
+#: Free pages, as a share of the file, above which ``optimize()`` vacuums on its own.
+DEFAULT_VACUUM_FREE_SHARE = 0.2
+
+
+def optimize(store: Store, *, vacuum: bool | None = None) -> dict[str, Any]:
+    """Give space back and refresh planner statistics; return what was done.
+
+    Vector indexes that keep many deleted slots (sqlite-vec never reuses them) are
+    rebuilt from the rows. ``vacuum=None`` vacuums when free pages exceed
+    ``DEFAULT_VACUUM_FREE_SHARE`` of the file; True or False forces the choice.
+    The WAL is checkpointed and truncated last.
+    """
     with store._lock, boundary(store.path, "optimizing"):
         db = store._db
         if store.in_transaction:
             raise LocalStoreError(f"store {store.path}: optimize cannot run inside a transaction")
+        rebuilt = []
+        with store.transaction():
+            for name in schema_mod.list_collections(db):
+                derived = store.collection(name)._derived
+                if derived.vectors and derived.fragmented(db):
+                    derived.rebuild(db)
+                    rebuilt.append(name)
         db.execute("PRAGMA optimize")
+        if vacuum is None:
+            pages = int(scalar(db, "PRAGMA page_count") or 0)
+            free = int(scalar(db, "PRAGMA freelist_count") or 0)
+            vacuum = pages > 0 and free / pages > DEFAULT_VACUUM_FREE_SHARE
         if vacuum:
             retry_busy(lambda: db.execute("VACUUM"), path=store.path)
         retry_busy(lambda: db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall(), path=store.path)
+        return {"rebuilt_indexes": rebuilt, "vacuumed": bool(vacuum)}
 
 
 def expire(store: Store, now: float | None = None) -> dict[str, int]:

@@ -429,11 +429,14 @@ class Store:
 
         return verify(self)
 
-    def optimize(self, *, vacuum: bool = False) -> None:
-        """Run SQLite's optimize and checkpoint the WAL; with ``vacuum=True`` also rebuild the file to reclaim space."""
+    def optimize(self, *, vacuum: bool | None = None) -> dict[str, Any]:
+        """Rebuild fragmented vector indexes, refresh statistics, vacuum if worth it, truncate the WAL.
+
+        ``vacuum=True``/``False`` forces or skips the vacuum; None decides by the free-page share.
+        """
         from .maintenance import optimize
 
-        optimize(self, vacuum=vacuum)
+        return optimize(self, vacuum=vacuum)
 
     def expire(self, now: float | None = None) -> dict[str, int]:
         """Delete rows older than their collection's TTL; return the count deleted per collection."""
