@@ -116,11 +116,14 @@ def nearest(
         store._db  # noqa: B018 - raises StoreClosedError on a closed store
         if not store._depth:
             store._refresh_schemas()
-        cache = store._vector_cache(coll, field) if engine in ("auto", "cache") else None
-        if engine == "cache" and cache is None:
+        if engine == "cache" and not store.vector_cache:
             raise QueryError("engine='cache' needs a store opened with vector_cache=True")
         conditions = _check_filter_where(coll, where)
-        if cache is not None and not store._depth:
+        # Inside a transaction the cache lacks the uncommitted writes (and must not load
+        # them, in case of rollback); sqlite-vec sees them.
+        use_cache = engine in ("auto", "cache") and not store._depth
+        cache = store._vector_cache(coll, field) if use_cache else None
+        if cache is not None:
             mask = cache.where_mask(conditions) if conditions else None
             results = cache.search(queries, k, mask)
         else:
