@@ -11,6 +11,8 @@ import pytest
 
 import localstore as ls
 
+pytest_plugins = ["pg_fixture"]
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -1,0 +1,444 @@
+"""The central Postgres: its versioned schema, and the one transaction that ships a batch.
+
+Every table is keyed by store id first and the change log is partitioned by
+hash(store_id), so the same schema distributes on ``store_id`` unchanged on a
+distributed Postgres such as Citus. A batch is COPYed into staging tables and
+merged idempotently: the change log on (store_id, seq), the current-state tables
+last-writer-wins on (hlc, store_id). Sending a batch twice changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import psycopg
+from psycopg import sql
+
+from . import mapping
+from .batching import latest_per_key
+from .errors import CentralSchemaError, wrap
+from .url import redact
+
+log = logging.getLogger("localstore.sync")
+
+#: The central schema version this code writes; migrations bring older ones up to it.
+SCHEMA_VERSION = 1
+
+#: The Postgres schema (namespace) holding localstore's tables.
+DEFAULT_SCHEMA = "localstore"
+
+#: Hash partitions of the change log. Fixed when the schema is created.
+DEFAULT_PARTITIONS = 16
+
+#: Seconds to wait for a connection before reporting Postgres unreachable. 0 waits forever.
+DEFAULT_CONNECT_TIMEOUT_S = 5
+
+#: Columns every current-state table has before the collection's fields.
+STATE_COLUMNS = ("_ls_store", "_ls_key", "_ls_seq", "_ls_hlc", "_ls_deleted")
+
+_vector_warned = False
+
+
+def state_table_name(collection: str) -> str:
+    """The current-state table of a collection: ``c_<name lowercased>``, hashed when too long for Postgres."""
+    base = "c_" + collection.lower()
+    if len(base) <= 63:
+        return base
+    digest = hashlib.sha1(collection.lower().encode()).hexdigest()[:8]
+    return base[:54] + "_" + digest
+
+
+@dataclass
+class CollectionPlan:
+    """How one store's collection maps onto its current-state table: columns written and their converters."""
+
+    name: str
+    table: str
+    key: str
+    fields: list[str]
+    converters: list[mapping.Converter]
+
+
+@dataclass
+class StoreInfo:
+    """What the central store knows of a local store: its id, name, and collection plans."""
+
+    store_id: str
+    name: str
+    plans: dict[str, CollectionPlan] = field(default_factory=dict)
+    specs_digest: str = ""
+    dictionaries: set[int] = field(default_factory=set)
+
+
+class Central:
+    """A connection to the central Postgres, with the schema created or migrated on first use.
+
+    Not thread-safe: each engine thread owns one. ``close()`` ends the connection.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        schema: str = DEFAULT_SCHEMA,
+        *,
+        hnsw: bool = False,
+        connect_timeout: int = DEFAULT_CONNECT_TIMEOUT_S,
+        partitions: int = DEFAULT_PARTITIONS,
+    ) -> None:
+        self.url = url
+        self.schema = schema
+        self.hnsw = hnsw
+        self.connect_timeout = connect_timeout
+        self.partitions = partitions
+        self._conn: psycopg.Connection[Any] | None = None
+        self.have_vector = False
+        self._columns: dict[str, dict[str, str]] = {}  # state table -> column -> type
+        self._stores: dict[str, StoreInfo] = {}
+
+    # -- connection ---------------------------------------------------------------------
+
+    @property
+    def shown(self) -> str:
+        """The URL with its password redacted."""
+        return redact(self.url)
+
+    def connect(self) -> psycopg.Connection[Any]:
+        """The open connection, connecting (and creating or migrating the schema) if needed."""
+        conn = self._conn
+        if conn is not None and not conn.closed and not conn.broken:
+            return conn
+        self.close()
+        try:
+            conn = psycopg.connect(
+                self.url, connect_timeout=self.connect_timeout, application_name="localstore-sync",
+                autocommit=True,
+            )
+        except Exception as exc:
+            raise wrap(exc, self.url, "connecting") from None
+        self._conn = conn
+        self._columns.clear()
+        for info in self._stores.values():
+            info.specs_digest = ""
+        try:
+            self._ensure_schema(conn)
+        except BaseException:
+            self.close()
+            raise
+        return conn
+
+    def close(self) -> None:
+        """Close the connection; safe to call twice."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # a broken connection may fail to close; it is gone either way
+                pass
+
+    def run(self, action: str, fn: Any) -> Any:
+        """Run ``fn(conn)`` in one transaction, committing it; psycopg errors become ``SyncError``s."""
+        conn = self.connect()
+        try:
+            with conn.transaction():
+                return fn(conn)
+        except Exception as exc:
+            err = wrap(exc, self.url, action)
+            if conn.broken or conn.closed:
+                self.close()
+            raise err from None
+
+    def _q(self, name: str) -> sql.Identifier:
+        return sql.Identifier(self.schema, name)
+
+    # -- schema ---------------------------------------------------------------------------
+
+    def _ensure_schema(self, conn: psycopg.Connection[Any]) -> None:
+        def ensure(c: psycopg.Connection[Any]) -> None:
+            c.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"localstore-schema:{self.schema}",))
+            exists = c.execute(
+                "SELECT 1 FROM pg_tables WHERE schemaname = %s AND tablename = 'meta'", (self.schema,)
+            ).fetchone()
+            version = 0
+            if exists:
+                row = c.execute(
+                    sql.SQL("SELECT value FROM {} WHERE key = 'schema_version'").format(self._q("meta"))
+                ).fetchone()
+                version = int(row[0]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise CentralSchemaError(
+                    f"the central schema {self.schema!r} at {self.shown} is version {version}, newer than this "
+                    f"localstore understands ({SCHEMA_VERSION}); upgrade localstore"
+                )
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                MIGRATIONS[step](self, c)
+                c.execute(
+                    sql.SQL("INSERT INTO {} (key, value) VALUES ('schema_version', %s) "
+                            "ON CONFLICT (key) DO UPDATE SET value = excluded.value").format(self._q("meta")),
+                    (str(step),),
+                )
+            row = c.execute(sql.SQL("SELECT value FROM {} WHERE key = 'vector_type'").format(self._q("meta"))).fetchone()
+            self.have_vector = bool(row and row[0] == "vector")
+            if self.have_vector:
+                # The extension may live in another schema; make its type resolvable.
+                c.execute("SELECT set_config('search_path', current_setting('search_path') || ', public', false)")
+
+        try:
+            with conn.transaction():
+                ensure(conn)
+        except CentralSchemaError:
+            raise
+        except Exception as exc:
+            raise wrap(exc, self.url, f"creating the central schema {self.schema!r}") from None
+
+    def _migrate_1(self, c: psycopg.Connection[Any]) -> None:
+        global _vector_warned
+        q = self._q
+        c.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
+        c.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} (key text PRIMARY KEY, value text NOT NULL)").format(q("meta")))
+        c.execute(sql.SQL(
+            "CREATE TABLE {} (store_id uuid PRIMARY KEY, name text NOT NULL, host text, workspace text, "
+            "last_seq bigint NOT NULL DEFAULT 0, last_hlc bigint NOT NULL DEFAULT 0, last_sync timestamptz, "
+            "registered timestamptz NOT NULL DEFAULT now())").format(q("stores")))
+        c.execute(sql.SQL("CREATE INDEX ON {} (name)").format(q("stores")))
+        c.execute(sql.SQL(
+            "CREATE TABLE {} (store_id uuid NOT NULL, seq bigint NOT NULL, hlc bigint NOT NULL, "
+            "collection text NOT NULL, key text NOT NULL, op text NOT NULL, payload bytea, "
+            "shipped_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (store_id, seq)) "
+            "PARTITION BY HASH (store_id)").format(q("changes")))
+        for i in range(self.partitions):
+            c.execute(sql.SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES WITH (MODULUS {}, REMAINDER {})").format(
+                q(f"changes_p{i}"), q("changes"), sql.Literal(self.partitions), sql.Literal(i)))
+        c.execute(sql.SQL(
+            "CREATE TABLE {} (store_id uuid NOT NULL, name text NOT NULL, key_field text NOT NULL, "
+            "fields json NOT NULL, sync boolean NOT NULL, ttl double precision, state_table text NOT NULL, "
+            "updated timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (store_id, name))").format(q("collections")))
+        c.execute(sql.SQL(
+            "CREATE TABLE {} (store_id uuid NOT NULL, dict_id bigint NOT NULL, collection text, field text, "
+            "data bytea NOT NULL, shipped_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (store_id, dict_id))"
+        ).format(q("dictionaries")))
+        c.execute(sql.SQL(
+            "CREATE TABLE {} (store_id uuid NOT NULL, name text NOT NULL, ddl text, columns jsonb NOT NULL, "
+            "rows bytea NOT NULL, digest text NOT NULL, shipped_at timestamptz NOT NULL DEFAULT now(), "
+            "PRIMARY KEY (store_id, name))").format(q("store_tables")))
+        vector_type = "real[]"
+        try:
+            with c.transaction():
+                c.execute("CREATE EXTENSION IF NOT EXISTS vector")
+            vector_type = "vector"
+        except psycopg.Error as exc:
+            if not _vector_warned:
+                _vector_warned = True
+                log.warning(
+                    "pgvector is not available at %s (%s): vector fields are stored as real[] "
+                    "(no similarity operators or HNSW in SQL); install pgvector and recreate the schema to use them",
+                    self.shown, str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                )
+        c.execute(sql.SQL("INSERT INTO {} (key, value) VALUES ('vector_type', %s), ('partitions', %s) "
+                          "ON CONFLICT (key) DO UPDATE SET value = excluded.value").format(q("meta")),
+                  (vector_type, str(self.partitions)))
+
+    # -- stores and collections -------------------------------------------------------------
+
+    def position(self, store_id: str) -> int:
+        """The highest seq Postgres has committed for a store (0 if it has none)."""
+        def read(c: psycopg.Connection[Any]) -> int:
+            row = c.execute(sql.SQL("SELECT last_seq FROM {} WHERE store_id = %s").format(self._q("stores")),
+                            (store_id,)).fetchone()
+            return int(row[0]) if row else 0
+
+        return int(self.run("reading a store's position", read))
+
+    def register(self, store_id: str, name: str, workspace: str, specs: list[dict[str, Any]],
+                 dictionaries: list[dict[str, Any]], tables: list[dict[str, Any]] | None = None) -> StoreInfo:
+        """Record a store, its collections' schemas, dictionaries and internal tables; create or extend state tables."""
+        info = self._stores.get(store_id)
+        if info is None:
+            info = self._stores[store_id] = StoreInfo(store_id, name)
+        packed_tables = []
+        for t in tables or []:
+            blob = msgpack.packb([list(r) for r in t["rows"]], use_bin_type=True)
+            packed_tables.append((t, blob, hashlib.sha1(blob + (t["ddl"] or "").encode()).hexdigest()))
+        digest = hashlib.sha1(json.dumps(specs, sort_keys=True).encode()
+                              + "".join(d for _, _, d in packed_tables).encode()).hexdigest()
+        new_dicts = [d for d in dictionaries if d["dict_id"] not in info.dictionaries]
+        if digest == info.specs_digest and not new_dicts:
+            return info
+        host = socket.gethostname()
+
+        def reg(c: psycopg.Connection[Any]) -> None:
+            c.execute(sql.SQL(
+                "INSERT INTO {} (store_id, name, host, workspace) VALUES (%s, %s, %s, %s) "
+                "ON CONFLICT (store_id) DO UPDATE SET name = excluded.name, host = excluded.host, "
+                "workspace = excluded.workspace").format(self._q("stores")), (store_id, name, host, workspace))
+            for spec in specs:
+                c.execute(sql.SQL(
+                    "INSERT INTO {} (store_id, name, key_field, fields, sync, ttl, state_table) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (store_id, name) DO UPDATE SET "
+                    "key_field = excluded.key_field, fields = excluded.fields, sync = excluded.sync, "
+                    "ttl = excluded.ttl, state_table = excluded.state_table, updated = now() "
+                    "WHERE {}.fields::text IS DISTINCT FROM excluded.fields::text OR {}.ttl IS DISTINCT FROM excluded.ttl"
+                ).format(self._q("collections"), self._q("collections"), self._q("collections")),
+                    (store_id, spec["name"], spec["key"], json.dumps(spec["fields"]), spec["sync"], spec["ttl"],
+                     state_table_name(spec["name"])))
+            for t, blob, tdigest in packed_tables:
+                c.execute(sql.SQL(
+                    "INSERT INTO {} (store_id, name, ddl, columns, rows, digest) VALUES (%s, %s, %s, %s, %s, %s) "
+                    "ON CONFLICT (store_id, name) DO UPDATE SET ddl = excluded.ddl, columns = excluded.columns, "
+                    "rows = excluded.rows, digest = excluded.digest, shipped_at = now() "
+                    "WHERE {}.digest <> excluded.digest").format(self._q("store_tables"), self._q("store_tables")),
+                    (store_id, t["name"], t["ddl"], json.dumps(t["columns"]), blob, tdigest))
+            for d in new_dicts:
+                c.execute(sql.SQL(
+                    "INSERT INTO {} (store_id, dict_id, collection, field, data) VALUES (%s, %s, %s, %s, %s) "
+                    "ON CONFLICT (store_id, dict_id) DO NOTHING").format(self._q("dictionaries")),
+                    (store_id, d["dict_id"], d.get("collection"), d.get("field"), d["data"]))
+
+        self.run(f"registering store {name}", reg)
+        info.dictionaries.update(d["dict_id"] for d in new_dicts)
+        info.plans = {spec["name"]: self._plan(spec) for spec in specs if spec["sync"]}
+        info.specs_digest = digest
+        return info
+
+    def _plan(self, spec: dict[str, Any]) -> CollectionPlan:
+        """Create or extend the collection's state table for this spec; return how to write it."""
+        table = state_table_name(spec["name"])
+        columns = self._state_columns(table)
+        wanted = {f: mapping.pg_type(s, self.have_vector) for f, s in spec["fields"].items()}
+        missing = {f: t for f, t in wanted.items() if columns is None or f not in columns}
+        if columns is None or missing:
+            self.run(f"creating the state table of {spec['name']!r}", lambda c: self._extend(c, table, spec, wanted))
+            self._columns.pop(table, None)
+            columns = self._state_columns(table)
+            assert columns is not None
+        fields, converters = [], []
+        for fname, fspec in spec["fields"].items():
+            have = columns.get(fname)
+            if have is None or not mapping.compatible(fspec, have, self.have_vector):
+                log.warning("field %s.%s is %s in this store but %s in %s.%s; its column stays NULL for this store "
+                            "(the change log keeps the value)", spec["name"], fname, wanted[fname], have,
+                            self.schema, table)
+                continue
+            fields.append(fname)
+            converters.append(mapping.converter(fspec, have))
+        return CollectionPlan(spec["name"], table, spec["key"], fields, converters)
+
+    def _state_columns(self, table: str) -> dict[str, str] | None:
+        cached = self._columns.get(table)
+        if cached is not None:
+            return cached
+
+        def read(c: psycopg.Connection[Any]) -> dict[str, str] | None:
+            rows = c.execute(
+                "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+                "JOIN pg_class r ON r.oid = a.attrelid JOIN pg_namespace n ON n.oid = r.relnamespace "
+                "WHERE n.nspname = %s AND r.relname = %s AND a.attnum > 0 AND NOT a.attisdropped",
+                (self.schema, table),
+            ).fetchall()
+            return {name: typ for name, typ in rows} if rows else None
+
+        found = self.run("reading a state table", read)
+        if found is not None:
+            self._columns[table] = found
+        return found  # type: ignore[no-any-return]
+
+    def _extend(self, c: psycopg.Connection[Any], table: str, spec: dict[str, Any], wanted: dict[str, str]) -> None:
+        c.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"localstore-table:{self.schema}.{table}",))
+        t = self._q(table)
+        c.execute(sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} (_ls_store uuid NOT NULL, _ls_key text NOT NULL, _ls_seq bigint NOT NULL, "
+            "_ls_hlc bigint NOT NULL, _ls_deleted boolean NOT NULL DEFAULT false, "
+            "_ls_xid xid8 NOT NULL DEFAULT pg_current_xact_id(), _ls_synced_at timestamptz NOT NULL DEFAULT now(), "
+            "PRIMARY KEY (_ls_store, _ls_key))").format(t))
+        c.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (_ls_xid)").format(
+            sql.Identifier(f"{table}_xid"[:63]), t))
+        for fname, pgtype in wanted.items():
+            c.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
+                t, sql.Identifier(fname), sql.SQL(pgtype)))
+            fspec = spec["fields"][fname]
+            if (self.hnsw and pgtype.startswith("vector(") and int(fspec["dim"]) <= mapping.HNSW_MAX_DIM
+                    and fspec.get("metric", "cosine") in mapping.HNSW_OPS):
+                c.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} USING hnsw ({} {})").format(
+                    sql.Identifier(f"{table}_{fname}_hnsw"[:63]), t, sql.Identifier(fname),
+                    sql.SQL(mapping.HNSW_OPS[fspec.get("metric", "cosine")])))
+
+    # -- shipping ----------------------------------------------------------------------------
+
+    def ship(self, info: StoreInfo, changes: list[Any]) -> None:
+        """Ship one batch of a store's changes in one Postgres transaction: COPY to staging, then merge.
+
+        Idempotent: the change log ignores (store_id, seq) it already has, and a
+        state row only moves to a later (hlc, store_id).
+        """
+        if not changes:
+            return
+        store_id = info.store_id
+        by_coll: dict[str, list[Any]] = {}
+        for ch in changes:
+            by_coll.setdefault(ch.collection, []).append(ch)
+        unknown = [name for name in by_coll if name not in info.plans]
+        if unknown:
+            raise CentralSchemaError(
+                f"store {info.name}: changes name collection(s) {', '.join(unknown)} that were not registered; "
+                "the schema changed during the batch and it will be retried"
+            )
+        last = changes[-1]
+
+        def merge(c: psycopg.Connection[Any]) -> None:
+            c.execute("CREATE TEMP TABLE IF NOT EXISTS _ls_stage_changes (store_id uuid, seq bigint, hlc bigint, "
+                      "collection text, key text, op text, payload bytea) ON COMMIT DELETE ROWS")
+            with c.cursor() as cur:
+                with cur.copy("COPY _ls_stage_changes (store_id, seq, hlc, collection, key, op, payload) "
+                              "FROM STDIN") as cp:
+                    pack = msgpack.packb
+                    for ch in changes:
+                        payload = None if ch.payload is None else pack(ch.payload, use_bin_type=True)
+                        cp.write_row((store_id, ch.seq, ch.hlc, ch.collection, str(ch.key), ch.op, payload))
+                cur.execute(sql.SQL(
+                    "INSERT INTO {} (store_id, seq, hlc, collection, key, op, payload) "
+                    "SELECT store_id, seq, hlc, collection, key, op, payload FROM _ls_stage_changes "
+                    "ON CONFLICT (store_id, seq) DO NOTHING").format(self._q("changes")))
+                for name, chs in by_coll.items():
+                    self._merge_state(cur, info.plans[name], store_id, latest_per_key(chs))
+                cur.execute(sql.SQL(
+                    "INSERT INTO {} (store_id, name, last_seq, last_hlc, last_sync) VALUES (%s, %s, %s, %s, now()) "
+                    "ON CONFLICT (store_id) DO UPDATE SET last_seq = greatest({}.last_seq, excluded.last_seq), "
+                    "last_hlc = greatest({}.last_hlc, excluded.last_hlc), last_sync = now()").format(
+                        self._q("stores"), self._q("stores"), self._q("stores")),
+                    (store_id, info.name, last.seq, last.hlc))
+
+        self.run(f"shipping changes of store {info.name}", merge)
+
+    def _merge_state(self, cur: psycopg.Cursor[Any], plan: CollectionPlan, store_id: str, changes: list[Any]) -> None:
+        stage = sql.Identifier(f"_ls_stage_{plan.table}"[:63])
+        cols = [*STATE_COLUMNS, *plan.fields]
+        col_ids = sql.SQL(", ").join(sql.Identifier(c) for c in cols)
+        cur.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
+            stage, col_ids, self._q(plan.table)))
+        fields, convs = plan.fields, plan.converters
+        with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(stage, col_ids)) as cp:
+            for ch in changes:
+                head = (store_id, str(ch.key), ch.seq, ch.hlc)
+                payload = ch.payload
+                if payload is None:
+                    cp.write_row((*head, True, *([None] * len(fields))))
+                else:
+                    get = payload.get
+                    cp.write_row((*head, False, *[conv(get(f)) for f, conv in zip(fields, convs)]))
+        updates = sql.SQL(", ").join(
+            sql.SQL("{} = excluded.{}").format(sql.Identifier(c), sql.Identifier(c)) for c in cols[2:])
+        target = self._q(plan.table)
+        cur.execute(sql.SQL(
+            "INSERT INTO {} AS t ({}) SELECT {} FROM {} ON CONFLICT (_ls_store, _ls_key) DO UPDATE SET {}, "
+            "_ls_xid = pg_current_xact_id(), _ls_synced_at = now() "
+            "WHERE (excluded._ls_hlc, excluded._ls_store) > (t._ls_hlc, t._ls_store)").format(
+                target, col_ids, col_ids, stage, updates))
+        cur.execute(sql.SQL("DROP TABLE {}").format(stage))
+
+
+MIGRATIONS = {1: Central._migrate_1}

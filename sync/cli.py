@@ -1,0 +1,227 @@
+"""The ``localstore sync ...`` and ``localstore restore`` subcommands (registered by ``localstore.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from .errors import SyncError
+
+EXAMPLES = {
+    "sync": "Example:\n  localstore sync once data/ --url postgresql://sync:PASSWORD@db.lan/agents",
+    "once": ("Example:\n  export LOCALSTORE_POSTGRES_URL=postgresql://sync:PASSWORD@db.lan/agents\n"
+             "  localstore sync once data/"),
+    "daemon": ("Example:\n  LOCALSTORE_POSTGRES_URL=postgresql://sync:PASSWORD@db.lan/agents "
+               "localstore sync daemon data/ 2>>sync.log"),
+    "status": "Example:\n  localstore sync status data/ --json",
+    "restore": ("Example:\n  localstore restore kernel-7 --from postgresql://sync:PASSWORD@db.lan/agents "
+                "--to data/kernel-7.db"),
+}
+
+
+def _fail(exc: BaseException) -> int:
+    print(f"localstore: error: {exc}", file=sys.stderr)
+    return 1
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", help="the Postgres URL (default: $LOCALSTORE_POSTGRES_URL, else $DATABASE_URL)")
+    p.add_argument("--schema", default=None, help="the Postgres schema holding localstore's tables (default: localstore)")
+
+
+def cmd_once(args: argparse.Namespace) -> int:
+    from . import logs
+    from .engine import SyncEngine
+    from .url import resolve_url
+
+    try:
+        url = resolve_url(args.url)
+        logs.setup(url, logging.WARNING)
+        extra: dict[str, Any] = {"batch_rows": args.batch_rows} if args.batch_rows else {}
+        engine = SyncEngine(args.path, url, **_schema(args), **extra, hnsw=args.hnsw, watch=False)
+        total = _pending(engine)
+        done = [0]
+        tty = sys.stderr.isatty() and not args.quiet
+        started = time.perf_counter()
+
+        def progress(n: int) -> None:
+            done[0] += n
+            if tty and total:
+                width = 30
+                filled = int(width * min(done[0], total) / total)
+                print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done[0]}/{total} changes", end="",
+                      file=sys.stderr, flush=True)
+
+        try:
+            shipped = engine.sync_now(progress=progress)
+        finally:
+            engine.close()
+        if tty and total:
+            print(file=sys.stderr)
+        elapsed = time.perf_counter() - started
+        if not args.quiet:
+            print(f"shipped {shipped} changes from {len(engine.names())} store(s) to {engine.shown_url} "
+                  f"in {elapsed:.2f}s")
+        return 0
+    except SyncError as exc:
+        return _fail(exc)
+
+
+def _pending(engine: Any) -> int:
+    from localstore.store import Store
+    import os
+
+    total = 0
+    for name in engine.names():
+        with Store(os.path.join(engine.folder, name + ".db"), create=False) as store:
+            total += store.changelog.pending()
+    return total
+
+
+def _schema(args: argparse.Namespace) -> dict[str, Any]:
+    return {"schema": args.schema} if args.schema else {}
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from . import logs
+    from .engine import FATAL, SyncEngine
+    from .url import resolve_url
+
+    log = logging.getLogger("localstore.sync")
+    try:
+        url = resolve_url(args.url)
+    except SyncError as exc:
+        return _fail(exc)
+    logs.setup(url, logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        engine = SyncEngine(args.path, url, **_schema(args), hnsw=args.hnsw, debounce=args.debounce)
+        try:
+            engine.central.connect()
+        except FATAL as exc:
+            log.error(str(exc), extra={"event": "fatal"})
+            return _fail(exc)
+        except SyncError as exc:  # unreachable: start anyway; the engine retries with backoff
+            log.warning(str(exc), extra={"event": "postgres_down"})
+    except SyncError as exc:
+        return _fail(exc)
+    done = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        log.info("signal received; stopping", extra={"event": "signal", "signal": signal.Signals(signum).name})
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    engine.start()
+    while not done.wait(3600):
+        pass
+    engine.stop()
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import status
+    from .url import redact, resolve_url
+
+    try:
+        url: str | None = None
+        try:
+            url = resolve_url(args.url)
+        except SyncError:
+            url = None  # local positions only
+        rows, problem = status(args.path, url, **_schema(args))
+    except SyncError as exc:
+        return _fail(exc)
+    if args.json:
+        print(json.dumps({"url": redact(url) if url else None, "postgres_error": problem,
+                          "stores": [r.as_dict() for r in rows]}, indent=2))
+        return 0
+    if url:
+        print(f"postgres {redact(url)}" + (f"  (unavailable: {problem})" if problem else ""))
+    print(f"{'store':<28} {'pending':>9} {'last seq':>9} {'acked':>9} {'lag':>9}  last sync")
+    for r in rows:
+        print(f"{r.name:<28} {r.pending:>9} {r.last_seq:>9} {r.watermark:>9} {r.lag_s:>8.1f}s  {r.last_sync or '-'}")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    import os
+
+    from .replicate import restore
+    from .url import redact, resolve_url
+
+    try:
+        url = resolve_url(args.source)
+        to = args.to or os.path.join(".", args.name + ".db")
+
+        def progress(collection: str, n: int) -> None:
+            if not args.quiet:
+                print(f"  {collection}: {n} rows", file=sys.stderr)
+
+        started = time.perf_counter()
+        store = restore(url, args.name, to, **_schema(args), host=args.host, progress=progress)
+        try:
+            report = store.verify()
+            sid, last = store.id, store.changelog.last_seq()
+        finally:
+            store.close()
+        print(f"restored {args.name} (id {sid}) from {redact(url)} to {to} in {time.perf_counter() - started:.2f}s; "
+              f"seq continues after {last}; verify: {'ok' if report.ok else 'PROBLEMS: ' + '; '.join(report.problems)}")
+        return 0 if report.ok else 1
+    except SyncError as exc:
+        return _fail(exc)
+
+
+def register(sub: Any) -> None:
+    """Add ``sync`` (once, daemon, status) and ``restore`` to the ``localstore`` command's subparsers."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    sync = sub.add_parser("sync", help="Ship stores' change logs to a central Postgres.",
+                          description="Ship stores' change logs to a central Postgres.", epilog=EXAMPLES["sync"],
+                          formatter_class=fmt)
+    ss = sync.add_subparsers(dest="sync_command", metavar="SUBCOMMAND", required=True)
+
+    p = ss.add_parser("once", help="Ship every pending change of a workspace (or store) once, then exit.",
+                      description="Ship every pending change of a workspace (or store) once, then exit.",
+                      epilog=EXAMPLES["once"], formatter_class=fmt)
+    p.add_argument("path", help="a workspace folder or a store file")
+    _common(p)
+    p.add_argument("--hnsw", action="store_true", help="create HNSW indexes on vector columns")
+    p.add_argument("--quiet", action="store_true", help="print nothing on success")
+    p.add_argument("--batch-rows", type=int, default=None, help="most changes per Postgres transaction")
+    p.set_defaults(func=cmd_once)
+
+    p = ss.add_parser("daemon", help="Watch a workspace and ship changes as they are written (JSON logs on stderr).",
+                      description="Watch a workspace and ship changes as they are written; SIGTERM/SIGINT stop it.",
+                      epilog=EXAMPLES["daemon"], formatter_class=fmt)
+    p.add_argument("path", help="a workspace folder or a store file")
+    _common(p)
+    p.add_argument("--hnsw", action="store_true", help="create HNSW indexes on vector columns")
+    p.add_argument("--debounce", type=float, default=0.05, help="seconds to wait after a write before syncing")
+    p.add_argument("--verbose", action="store_true", help="debug logging")
+    p.set_defaults(func=cmd_daemon)
+
+    p = ss.add_parser("status", help="Show per store the pending changes, the last sync and the lag.",
+                      description="Show per store the pending changes, the last sync and the lag.",
+                      epilog=EXAMPLES["status"], formatter_class=fmt)
+    p.add_argument("path", help="a workspace folder or a store file")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("restore", help="Rebuild a store from the central Postgres (same id, rows and schema).",
+                       description="Rebuild a store from the central Postgres (same id, rows and schema).",
+                       epilog=EXAMPLES["restore"], formatter_class=fmt)
+    p.add_argument("name", help="the store's name (or id) as registered in Postgres")
+    p.add_argument("--from", dest="source", default=None,
+                   help="the Postgres URL (default: $LOCALSTORE_POSTGRES_URL, else $DATABASE_URL)")
+    p.add_argument("--to", default=None, help="the store file to create (default: ./NAME.db)")
+    p.add_argument("--host", default=None, help="pick the store of this host when several share the name")
+    p.add_argument("--schema", default=None, help="the Postgres schema holding localstore's tables")
+    p.add_argument("--quiet", action="store_true", help="no per-collection progress")
+    p.set_defaults(func=cmd_restore)

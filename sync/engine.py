@@ -1,0 +1,313 @@
+"""The sync engine: a background thread that ships stores' change logs to Postgres when their files change.
+
+``SyncEngine(workspace_or_store, url).start()`` is the one line that turns sync on
+in a process; the daemon (``localstore sync daemon``) runs the same engine in the
+foreground. File events (watchdog) mark stores due, debounced; the thread sleeps
+on a condition until a store is due, so an idle engine uses no CPU. When Postgres
+fails, due stores are retried with exponential backoff and jitter; their changes
+stay queued in the stores.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from localstore.store import Store
+from localstore.workspace import SUFFIX, Workspace
+
+from .batching import DEFAULT_BATCH_BYTES, DEFAULT_BATCH_ROWS, DEFAULT_DEBOUNCE_S, Backoff, Debouncer
+from .central import DEFAULT_SCHEMA, Central
+from .errors import (
+    AuthenticationError,
+    ConfigError,
+    DatabaseMissingError,
+    PostgresError,
+    SeqConflictError,
+    SyncError,
+)
+from .shipper import PassResult, describe_result, sync_store
+from .url import redact, resolve_url
+
+log = logging.getLogger("localstore.sync")
+
+#: Stores kept open by one engine; older ones are closed and reopened when next due.
+DEFAULT_OPEN_STORES = 64
+
+#: Errors that no retry can fix: the engine reports them and keeps retrying slowly only in daemon mode.
+FATAL = (AuthenticationError, DatabaseMissingError, ConfigError)
+
+
+class SyncEngine:
+    """Ships the change logs of a workspace (or of one store) to Postgres, in a background thread.
+
+    ``url`` defaults to ``LOCALSTORE_POSTGRES_URL``, else ``DATABASE_URL``. The engine
+    opens its own connections to the store files, so writers are never blocked by
+    its reads; its only write to a store is the watermark, after Postgres commits.
+    """
+
+    def __init__(
+        self,
+        target: Workspace | Store | str | os.PathLike[str],
+        url: str | None = None,
+        *,
+        schema: str = DEFAULT_SCHEMA,
+        hnsw: bool = False,
+        batch_rows: int = DEFAULT_BATCH_ROWS,
+        batch_bytes: int = DEFAULT_BATCH_BYTES,
+        debounce: float = DEFAULT_DEBOUNCE_S,
+        pull: bool = True,
+        watch: bool = True,
+        open_stores: int = DEFAULT_OPEN_STORES,
+    ) -> None:
+        self.url = resolve_url(url)
+        self.shown_url = redact(self.url)
+        if isinstance(target, Workspace):
+            self.folder, self.only = target.path, None
+        elif isinstance(target, Store):
+            self.folder, self.only = os.path.dirname(os.path.abspath(target.path)), _name_of(target.path)
+        else:
+            path = os.fspath(target)
+            if os.path.isdir(path):
+                self.folder, self.only = path, None
+            elif path.endswith(SUFFIX):
+                self.folder, self.only = os.path.dirname(os.path.abspath(path)), _name_of(path)
+            else:
+                raise ConfigError(f"{path} is neither a workspace folder nor a store file (NAME.db)")
+        self.folder = os.path.abspath(self.folder)
+        if batch_rows < 1 or batch_bytes < 1:
+            raise ConfigError("batch_rows and batch_bytes must be positive")
+        self.central = Central(self.url, schema, hnsw=hnsw)
+        self.batch_rows, self.batch_bytes = batch_rows, batch_bytes
+        self.pull = pull
+        self.watch = watch
+        self._debouncer = Debouncer(delay=debounce, max_delay=max(0.5, debounce * 10))
+        self._backoff = Backoff()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._observer: Any = None
+        self._stores: OrderedDict[str, Store] = OrderedDict()
+        self._open_limit = max(1, open_stores)
+        self._down = False
+        self.last_error: SyncError | None = None
+        self.shipped = 0
+        self.passes = 0
+        #: How many times the background thread woke up; it only wakes for file events and retries.
+        self.wakeups = 0
+        self.after_commit: Callable[[int], None] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> SyncEngine:
+        """Start watching and the background thread; every store is synced once right away. Returns self."""
+        if self._thread is not None:
+            return self
+        self._stopping = False
+        if self.watch:
+            self._start_observer()
+        self.notify_all()
+        self._thread = threading.Thread(target=self._loop, name="localstore-sync", daemon=True)
+        self._thread.start()
+        log.info("sync engine started", extra={"event": "started", "folder": self.folder, "url": self.shown_url})
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop: the batch in flight is finished (committed and acknowledged) unless it takes longer than
+        ``timeout`` seconds, in which case it is abandoned (rolled back in Postgres; shipped again next time)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+            self._observer = None
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                conn = self.central._conn
+                if conn is not None:
+                    try:
+                        conn.cancel()
+                    except Exception:  # best effort: the transaction is abandoned either way
+                        pass
+                thread.join(5)
+        self._close_stores()
+        self.central.close()
+        log.info("sync engine stopped", extra={"event": "stopped", "folder": self.folder})
+
+    def __enter__(self) -> SyncEngine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        """Whether the background thread is running."""
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- events -----------------------------------------------------------------------------
+
+    def notify(self, name: str) -> None:
+        """Mark a store as changed; it is synced after the debounce delay."""
+        if self.only is not None and name != self.only:
+            return
+        with self._cond:
+            self._debouncer.touch(name, time.monotonic())
+            self._cond.notify()
+
+    def notify_all(self) -> None:
+        """Mark every store in the folder as changed."""
+        for name in self.names():
+            self.notify(name)
+
+    def names(self) -> list[str]:
+        """The stores this engine feeds."""
+        if self.only is not None:
+            return [self.only] if os.path.exists(os.path.join(self.folder, self.only + SUFFIX)) else []
+        try:
+            entries = os.listdir(self.folder)
+        except FileNotFoundError:
+            return []
+        return sorted(e[: -len(SUFFIX)] for e in entries if e.endswith(SUFFIX) and not e.startswith("."))
+
+    def _start_observer(self) -> None:
+        from watchdog.events import FileSystemEvent, FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        engine = self
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event: FileSystemEvent) -> None:
+                if event.is_directory or event.event_type not in ("created", "modified", "moved", "closed"):
+                    return
+                path = os.fsdecode(getattr(event, "dest_path", "") or event.src_path)
+                base = os.path.basename(path)
+                if base.endswith(SUFFIX + "-wal"):
+                    base = base[:-4]
+                if base.endswith(SUFFIX) and not base.startswith("."):
+                    engine.notify(base[: -len(SUFFIX)])
+
+        os.makedirs(self.folder, exist_ok=True)
+        observer = Observer()
+        observer.schedule(Handler(), self.folder, recursive=False)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping:
+                    deadline = self._debouncer.next_deadline()
+                    now = time.monotonic()
+                    if deadline is not None and deadline <= now:
+                        break
+                    self._cond.wait(None if deadline is None else deadline - now)
+                if self._stopping:
+                    return
+                self.wakeups += 1
+                due = self._debouncer.pop_due(time.monotonic())
+            for name in due:
+                if self._stopping:
+                    return
+                self._sync_one(name)
+
+    def _sync_one(self, name: str) -> PassResult | None:
+        try:
+            store = self._store(name)
+            result = sync_store(
+                self.central, store, batch_rows=self.batch_rows, batch_bytes=self.batch_bytes,
+                should_stop=lambda: self._stopping, pull=self.pull, after_commit=self.after_commit,
+            )
+        except SeqConflictError as exc:
+            self.last_error = exc
+            log.error(str(exc), extra={"event": "seq_conflict", "store": name})
+            return None
+        except (PostgresError, SyncError) as exc:
+            self.last_error = exc
+            delay = self._backoff.next_delay()
+            if not self._down:
+                log.warning("postgres unavailable; changes stay queued in the stores",
+                            extra={"event": "postgres_down", "store": name, "error": str(exc),
+                                   "retry_in_s": round(delay, 3)})
+            self._down = True
+            self._retry_all(name, delay)
+            return None
+        except Exception as exc:  # a store that cannot be read: report, keep the others going
+            self.last_error = SyncError(f"store {name}: {exc}")
+            log.error("store sync failed", extra={"event": "store_error", "store": name, "error": str(exc)})
+            self._evict(name)
+            with self._cond:
+                self._debouncer.schedule(name, time.monotonic() + self._backoff.cap)
+            return None
+        if self._down:
+            log.info("postgres reachable again", extra={"event": "postgres_up"})
+            self._down = False
+        self._backoff.reset()
+        self.passes += 1
+        self.shipped += result.shipped
+        if result.shipped or result.pulled:
+            log.info("synced", extra={"event": "synced", **describe_result(result)})
+        return result
+
+    def _retry_all(self, name: str, delay: float) -> None:
+        at = time.monotonic() + delay
+        with self._cond:
+            self._debouncer.schedule(name, at)
+
+    def _store(self, name: str) -> Store:
+        store = self._stores.get(name)
+        if store is not None and not store.closed:
+            self._stores.move_to_end(name)
+            return store
+        store = Store(os.path.join(self.folder, name + SUFFIX), create=False)
+        self._stores[name] = store
+        while len(self._stores) > self._open_limit:
+            _, old = self._stores.popitem(last=False)
+            old.close()
+        return store
+
+    def _evict(self, name: str) -> None:
+        store = self._stores.pop(name, None)
+        if store is not None:
+            store.close()
+
+    def _close_stores(self) -> None:
+        stores, self._stores = list(self._stores.values()), OrderedDict()
+        for store in stores:
+            store.close()
+
+    # -- synchronous use ----------------------------------------------------------------------
+
+    def sync_now(self, progress: Callable[[int], None] | None = None) -> int:
+        """Sync every store once, in the calling thread, until drained; return the changes shipped.
+
+        Raises the first ``SyncError`` (no retries): for one-shot runs and tests.
+        """
+        total = 0
+        for name in self.names():
+            store = self._store(name)
+            result = sync_store(self.central, store, batch_rows=self.batch_rows, batch_bytes=self.batch_bytes,
+                                pull=self.pull, progress=progress, after_commit=self.after_commit)
+            total += result.shipped
+        self.shipped += total
+        return total
+
+    def close(self) -> None:
+        """Close the stores and the Postgres connection (after ``sync_now`` use)."""
+        self._close_stores()
+        self.central.close()
+
+
+def _name_of(path: str | os.PathLike[str]) -> str:
+    return os.path.basename(os.fspath(path)).removesuffix(SUFFIX)

@@ -1,0 +1,110 @@
+"""One sync pass over one store: positions, batches, Postgres commit, then the watermark.
+
+The order is the whole guarantee: a batch is committed in Postgres before the
+store's watermark moves, and the merge is idempotent, so a crash between the two
+(or a batch sent twice) ships nothing twice and loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from localstore import replica
+from localstore.store import Store
+
+from .batching import DEFAULT_BATCH_BYTES, DEFAULT_BATCH_ROWS, Positions, ack_point, plan
+from .central import Central
+from .errors import SeqConflictError
+
+log = logging.getLogger("localstore.sync")
+
+
+@dataclass
+class PassResult:
+    """What one pass over a store did."""
+
+    store: str
+    shipped: int = 0
+    batches: int = 0
+    pulled: int = 0
+    acked_lost: bool = False
+
+
+def sync_store(
+    central: Central,
+    store: Store,
+    *,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    batch_bytes: int = DEFAULT_BATCH_BYTES,
+    should_stop: Callable[[], bool] = lambda: False,
+    progress: Callable[[int], None] | None = None,
+    pull: bool = True,
+    after_commit: Callable[[int], None] | None = None,
+) -> PassResult:
+    """Ship every pending change of ``store`` (until ``should_stop``), then pull its subscriptions.
+
+    ``after_commit(seq)`` runs after each Postgres commit and before the watermark
+    is written; tests use it to crash exactly there.
+    """
+    result = PassResult(store.name)
+    changelog = store.changelog
+    specs = replica.collection_specs(store)
+    info = central.register(
+        store.id, store.name, os.path.dirname(os.path.abspath(store.path)), specs,
+        replica.local_dictionaries(store), replica.internal_tables(store),
+    )
+    positions = Positions(changelog.last_seq(), changelog.watermark(), central.position(store.id))
+    action, at = plan(positions)
+    if action == "conflict":
+        raise SeqConflictError(
+            f"store {store.path} (id {store.id}): Postgres already holds its changes up to seq {at}, but the file's "
+            f"last seq is {positions.last_seq}; this file is an older copy (a backup?) and shipping it would reuse "
+            "seqs. Restore the store from Postgres (localstore restore) instead"
+        )
+    after = positions.watermark
+    if action == "ack":
+        # The previous run committed in Postgres but died before writing the watermark.
+        log.info("watermark behind Postgres; acknowledging", extra={"event": "ack_recovered", "store": store.name,
+                                                                   "seq": at})
+        after = changelog.ack(at)
+        result.acked_lost = True
+    while action != "conflict" and not should_stop():
+        batch = changelog.changes(after, limit=batch_rows, max_bytes=batch_bytes)
+        if not batch:
+            break
+        if any(ch.collection not in info.plans for ch in batch):
+            # Declared after our read of the schemas: register again, then ship.
+            info = central.register(store.id, store.name, os.path.dirname(os.path.abspath(store.path)),
+                                    replica.collection_specs(store), replica.local_dictionaries(store),
+                                    replica.internal_tables(store))
+        central.ship(info, batch)
+        seq = ack_point([ch.seq for ch in batch], after)
+        if after_commit is not None:
+            after_commit(seq)
+        after = changelog.ack(seq)
+        result.shipped += len(batch)
+        result.batches += 1
+        if progress is not None:
+            progress(len(batch))
+    if pull and not should_stop():
+        from .replicate import pull_subscriptions
+
+        result.pulled = pull_subscriptions(central, store)
+    return result
+
+
+def lag_seconds(store: Store, now: float) -> float:
+    """Seconds since the oldest change not yet acknowledged was written; 0 when nothing is pending."""
+    from localstore.clock import hlc_seconds
+
+    pending = store.changelog.changes(store.changelog.watermark(), limit=1)
+    return max(0.0, now - hlc_seconds(pending[0].hlc)) if pending else 0.0
+
+
+def describe_result(r: PassResult) -> dict[str, Any]:
+    """A pass result as log fields."""
+    return {"store": r.store, "changes": r.shipped, "batches": r.batches, "pulled": r.pulled}
