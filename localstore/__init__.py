@@ -16,7 +16,14 @@ from .collection import Collection
 from .errors import (
     BackupError,
     ChangeLogError,
+    CodecError,
     CorruptStoreError,
+    CryptoError,
+    KeyFileError,
+    MissingDictionaryError,
+    MissingKeyError,
+    TamperedValueError,
+    WrongKeyError,
     InvalidNameError,
     LocalStoreError,
     NotAStoreError,
@@ -31,6 +38,7 @@ from .errors import (
     ValidationError,
 )
 from .fields import Array, Blob, Boolean, Field, Integer, Json, Real, Text, Vector
+from .keys import FORGOTTEN, Forgotten, generate_key, write_key_file
 from .maintenance import StoreStats, VerifyReport
 from .store import Store, open
 from .workspace import Workspace
@@ -38,6 +46,17 @@ from .workspace import Workspace
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "write_key_file",
+    "generate_key",
+    "WrongKeyError",
+    "TamperedValueError",
+    "MissingKeyError",
+    "MissingDictionaryError",
+    "KeyFileError",
+    "Forgotten",
+    "FORGOTTEN",
+    "CryptoError",
+    "CodecError",
     "Array",
     "BackupError",
     "Blob",

@@ -133,6 +133,12 @@ class Collection:
         # A value passing its fast test is stored as is; anything else goes through encode().
         fast = {Text: "type({v}) is not str", Real: "(type({v}) is not float or {v} != {v})", Integer: "(type({v}) is not int or not -9223372036854775808 <= {v} <= 9223372036854775807)"}
         names = []
+        codec = None
+        if any(f.encrypt or f.compress for f in self._fields.values()):
+            from .codecs import RowCodec  # encrypt/compress fields: encoded after validation, see codecs.py
+
+            codec = RowCodec(self, [(n, f) for n, f, _, _ in self._plan])
+        self._codec = codec
         for i, (name, field, default, nullable) in enumerate(self._plan):
             v = f"v{i}"
             names.append(v)
@@ -144,6 +150,9 @@ class Collection:
                 lines.append(f"    {'if ' + test + ': ' if test else ''}{v} = f{i}.encode({v})")
             else:
                 lines.append(f"    if {test + ' and ' if test else ''}{v} is not None: {v} = f{i}.encode({v})")
+            if codec is not None and name in codec.fields:
+                env[f"c{i}"] = codec.encoder(name)
+                lines.append(f"    if {v} is not None: {v} = c{i}({v}, v0, row)")
         env["missing"] = self._missing
         values = ", ".join(names)
         logged = "\n".join(lines + [f"    return ({values}, seq, hlc, seq, hlc, v0)"])
@@ -193,6 +202,8 @@ class Collection:
         return self._fields[self.key].encode(key)
 
     def _decode(self, stored: Sequence[Any]) -> dict[str, Any]:
+        if self._codec is not None:
+            return self._codec.decode_row(stored)  # type: ignore[no-any-return]
         return {
             name: (value if decode is None or value is None else decode(value))
             for (name, decode), value in zip(self._decoders, stored)
@@ -203,6 +214,8 @@ class Collection:
         if isinstance(payload, (bytes, bytearray)):
             payload = msgpack.unpackb(payload, raw=False)
         assert isinstance(payload, dict)
+        if self._codec is not None:
+            return self._codec.decode_payload(payload)  # type: ignore[no-any-return]
         return {
             name: (payload.get(name) if decode is None or payload.get(name) is None else decode(payload[name]))
             for name, decode in self._decoders
@@ -302,6 +315,8 @@ class Collection:
         """The row with this key, or None."""
         checked = self._check_key(key)
         found = self.store._run(lambda db: db.execute(self._sql_get, (checked,)).fetchone(), f"reading {self.name!r}")
+        if found is not None and self._codec is not None:
+            self._codec.begin_read()
         return None if found is None else self._decode(found)
 
     def get_many(self, keys: Iterable[Any]) -> list[dict[str, Any] | None]:
@@ -314,6 +329,8 @@ class Collection:
         sql = f"{self._sql_select} WHERE {quote(self.key)} IN (SELECT value FROM json_each(?))"
         rows = self.store._run(lambda db: db.execute(sql, (json.dumps(checked),)).fetchall(), f"reading {self.name!r}")
         by_key = {row[0]: row for row in rows}
+        if rows and self._codec is not None:
+            self._codec.begin_read()
         return [None if (row := by_key.get(k)) is None else self._decode(row) for k in checked]
 
     def __contains__(self, key: Any) -> bool:
@@ -336,6 +353,8 @@ class Collection:
         """
         sql, params = self._select_sql(self._sql_select, where, order_by, limit, offset)
         rows = self.store._run(lambda db: db.execute(sql, params).fetchall(), f"querying {self.name!r}")
+        if rows and self._codec is not None:
+            self._codec.begin_read()
         return [self._decode(row) for row in rows]
 
     def keys(self, where: dict[str, Any] | None = None, *, limit: int | None = None) -> list[Any]:

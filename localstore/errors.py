@@ -69,3 +69,37 @@ class ChangeLogError(LocalStoreError):
 
 class BackupError(LocalStoreError):
     """A backup could not be written."""
+
+
+class CryptoError(LocalStoreError):
+    """The root of key and encryption errors: keys, wrong or missing master keys, tampered values."""
+
+
+class KeyFileError(CryptoError, ValueError):
+    """A master key (argument, ``LOCALSTORE_KEY`` or key file) is malformed, or its file is readable by others."""
+
+
+class WrongKeyError(CryptoError, KeyError):
+    """The master key does not unlock the store's keys; raised at open, before any data is read."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class MissingKeyError(CryptoError, KeyError):
+    """A value needs a key that is not available: no master key given, or a key absent from this file."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class TamperedValueError(CryptoError):
+    """A stored encrypted value fails authentication: altered bytes, or moved from another row, field or store."""
+
+
+class CodecError(LocalStoreError):
+    """A stored compressed value cannot be decoded (damaged bytes or an unknown format)."""
+
+
+class MissingDictionaryError(CodecError):
+    """A value was compressed with a zstd dictionary that this store's ``_ls_dicts`` table does not hold."""

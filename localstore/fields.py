@@ -20,7 +20,7 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 #: Options accepted by every field type. The ones in ``_PENDING_OPTIONS`` are declared
 #: now and implemented by later work; asking for them raises ``NotYetSupportedError``.
-_PENDING_OPTIONS = ("encrypt", "compress")
+_PENDING_OPTIONS: tuple[str, ...] = ()
 
 #: Vector metrics a ``Vector`` field may declare.
 VECTOR_METRICS = ("cosine", "l2", "l1", "fisher_rao")
@@ -60,6 +60,8 @@ class Field:
         compress: bool = False,
         filter: bool = False,
         fulltext: bool = False,
+        subject: str | None = None,
+        blind_index: bool = False,
     ) -> None:
         self.name = ""
         self.collection = ""
@@ -70,6 +72,12 @@ class Field:
         self.filter = bool(filter)
         self.fulltext = bool(fulltext)
         self.default = default
+        #: encrypt=True: the field whose value names the subject whose key encrypts this one (see ``forget``).
+        self.subject = subject
+        #: encrypt=True: also keep a keyed-HMAC tag so ``find`` can match equal values.
+        self.blind_index = bool(blind_index)
+        #: Set per collection for encrypt/compress fields: the ``codecs.FieldCodec`` that encodes them.
+        self.codec: Any = None
 
     # -- declaration --------------------------------------------------------------
 
@@ -83,6 +91,7 @@ class Field:
                     f"{collection}.{name}: the {option}=True option is declared but not implemented "
                     f"in this version of localstore; remove it for now"
                 )
+        _check_codec_options(field, collection, name)
         if field.filter and field.type_name not in ("Text", "Integer", "Real", "Boolean"):
             raise SchemaError(f"{collection}.{name}: filter=True works on Text, Integer, Real and Boolean fields only")
         if field.fulltext and field.type_name != "Text":
@@ -111,9 +120,11 @@ class Field:
     def spec(self) -> dict[str, Any]:
         """Return the JSON-serialisable description kept in the store file."""
         out: dict[str, Any] = {"type": self.type_name}
-        for option in ("index", "encrypt", "compress", "filter", "fulltext"):
-            if getattr(self, option):
+        for option in ("index", "encrypt", "compress", "filter", "fulltext", "blind_index"):
+            if getattr(self, option, False):
                 out[option] = True
+        if getattr(self, "subject", None) is not None:
+            out["subject"] = self.subject
         if not self.nullable:
             out["nullable"] = False
         if self.default is not None:
@@ -377,6 +388,42 @@ class Vector(Field):
 
     def decode(self, stored: Any) -> Any:
         return np.frombuffer(stored, dtype="<f4").copy()
+
+
+def _check_codec_options(field: Field, collection: str, name: str) -> None:
+    """Check encrypt/compress/subject/blind_index, and give such a field a BLOB column that cannot be ordered."""
+    where = f"{collection}.{name}"
+    subject, blind = getattr(field, "subject", None), getattr(field, "blind_index", False)
+    if not field.encrypt:
+        if subject is not None:
+            raise SchemaError(f"{where}: subject= applies to encrypted fields; add encrypt=True")
+        if blind:
+            raise SchemaError(f"{where}: blind_index=True applies to encrypted fields; add encrypt=True")
+    if subject is not None and (not isinstance(subject, str) or not subject):
+        raise SchemaError(f"{where}: subject must be the name of another field, got {subject!r}")
+    if not (field.encrypt or field.compress):
+        return
+    options = "encrypt=True" if field.encrypt else "compress=True"
+    if isinstance(field, Vector):
+        raise SchemaError(
+            f"{where}: a Vector field feeds the vector index and cannot take {options}; keep the "
+            "vector in an Array field (which can) if it must be encrypted or compressed"
+        )
+    if field.filter or field.fulltext:
+        raise SchemaError(f"{where}: {options} cannot be combined with filter=True or fulltext=True (the index would hold plaintext)")
+    if field.default is not None:
+        raise SchemaError(
+            f"{where}: a field with {options} cannot have a default (the schema keeps defaults in the clear); "
+            "supply the value in each row"
+        )
+    if field.index and not blind:
+        raise SchemaError(
+            f"{where}: index=True would order ciphertext or compressed bytes; "
+            + ("use blind_index=True for equality lookups" if field.encrypt else "drop index=True")
+        )
+    field.index = blind
+    field.sql_type = "BLOB"  # type: ignore[misc]
+    field.comparable = False  # type: ignore[misc]
 
 
 FIELD_TYPES: dict[str, type[Field]] = {

@@ -17,6 +17,7 @@ from ._sqlite import boundary, create_private_file, quote, retry_busy, scalar, t
 from .collection import OP_DELETE, OP_PUT
 from .derived import DerivedIndexes
 from .errors import BackupError, LocalStoreError
+from .keys import withhold_subject_keys
 
 if TYPE_CHECKING:
     from .store import Store
@@ -67,6 +68,7 @@ def backup(store: Store, path: str, *, progress: Callable[[int, int], Any] | Non
                         if progress is not None:
                             progress(job.page_count, job.page_count)
                     dest.execute("PRAGMA journal_mode=DELETE")
+                    withhold_subject_keys(dest)  # so forget() later reaches this copy too (keys.py)
             finally:
                 dest.close()
         # A WAL left beside an older copy would be replayed onto the new file and

@@ -22,6 +22,11 @@ def _column(schema: CollectionSchema, name: object, purpose: str) -> str:
             f"{schema.name}: unknown field {name!r} in {purpose}; fields are {', '.join(schema.fields)}"
         )
     f = schema.fields[name]
+    if getattr(f, "encrypt", False) or getattr(f, "compress", False):
+        hint = "; declare it with blind_index=True to match equal values" if f.encrypt and purpose == "where" else ""
+        raise QueryError(
+            f"{schema.name}.{name}: an {'encrypted' if f.encrypt else 'compressed'} field cannot be used in {purpose}{hint}"
+        )
     if not f.comparable:
         raise QueryError(f"{schema.name}.{name}: {f.type_name} fields cannot be used in {purpose}")
     return name
@@ -47,6 +52,12 @@ def compile_where(schema: CollectionSchema, where: dict[str, Any] | None) -> tup
     clauses: list[str] = []
     params: list[Any] = []
     for name, condition in where.items():
+        field = schema.fields.get(name) if isinstance(name, str) else None
+        if field is not None and getattr(field, "blind_index", False) and field.codec is not None:
+            clause, values = field.codec.blind_condition(quote(name), condition)  # see codecs.py
+            clauses.append(clause)
+            params += values
+            continue
         column = quote(_column(schema, name, "where"))
         tests = condition if isinstance(condition, dict) else {"=": condition}
         if not tests:

@@ -159,6 +159,10 @@ def _check_declaration(name: str, key: str, fields: dict[str, Any]) -> dict[str,
     key_field = bound[key]
     if not isinstance(key_field, KEY_TYPES):
         raise SchemaError(f"{name}.{key}: a key must be Text or Integer, not {key_field.type_name}")
+    if any(f.encrypt or f.compress for f in bound.values()):
+        from .codecs import check_declaration
+
+        check_declaration(name, key, bound)
     return bound
 
 

@@ -91,8 +91,15 @@ class Store:
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
         create: bool = True,
         vector_cache: bool = True,
+        key: str | bytes | None = None,
+        key_file: str | os.PathLike[str] | None = None,
+        keys_from: str | os.PathLike[str] | Store | None = None,
+        max_messages_per_key: int | None = None,
     ) -> None:
         self.path = os.fspath(path)
+        from .keys import DEFAULT_MAX_MESSAGES, KeyRing, resolve_master
+
+        master = resolve_master(key, key_file)  # key file checks (0600) run before the store is touched
         if durability not in DURABILITY:
             raise StoreOpenError(f"durability must be one of {', '.join(DURABILITY)}, got {durability!r}")
         if os.path.isdir(self.path):
@@ -115,6 +122,11 @@ class Store:
             with boundary(self.path, "opening"):
                 self._conn.create_scalar_function("ls_pack", pack_values, deterministic=True)
                 self.id: str = retry_busy(lambda: schema_mod.init_store(self._db, self.path), path=self.path)
+                self._keys = KeyRing(
+                    self, master, max_messages=max_messages_per_key or DEFAULT_MAX_MESSAGES,
+                    keys_from=_open_keys_from(keys_from, self, master),
+                )
+                self._keys.check_master()  # a wrong master key fails here, before any data is read
         except BaseException:
             self._conn.close()
             self._conn = None
@@ -131,6 +143,9 @@ class Store:
         self.vector_cache = bool(vector_cache)
         self._vector_caches: dict[tuple[str, str], VectorCache] = {}
         self._data_version: int | None = None
+        from .dictionaries import Dictionaries
+
+        self._dicts = Dictionaries(self)
 
     # -- basics -------------------------------------------------------------------
 
@@ -459,6 +474,70 @@ class Store:
             return retry_busy(lambda: fn(db), path=self.path)
 
 
+    # -- keys: rotation, re-encryption, forgetting (see keys.py and docs/privacy.md) ------------
+
+    def rotate_key(self, new_master: str | bytes) -> int:
+        """Re-wrap every key of this store under a new master key; return how many keys were re-wrapped.
+
+        Values are not touched and stay readable throughout; from the commit on, the
+        store opens only with ``new_master``. Call ``reencrypt()`` as well to move
+        values onto a fresh data key.
+        """
+        from .keys import _parse_key, checkpoint_truncate
+
+        new = _parse_key(new_master, "new_master")
+        with self.transaction():
+            count = self._keys.rewrap(new)
+        self._keys.commit_rewrap()
+        with self._lock, boundary(self.path, "checkpointing after a key rotation"):
+            checkpoint_truncate(self)
+        return count
+
+    def reencrypt(self, *, batch: int = 1000) -> int:
+        """Re-encrypt every value not under the newest data key, with a new data key; return the rows rewritten.
+
+        Rows are rewritten through ``put_many`` (so the change log and sync carry the
+        new ciphertext), ``batch`` rows per transaction. Values of subjects keep their
+        subject's key; rows holding forgotten values are left as they are.
+        """
+        from .codecs import reencrypt
+
+        return reencrypt(self, batch)
+
+    def forget(self, subject: str | int) -> bool:
+        """Destroy the key of one subject (crypto-shredding); return whether it had one.
+
+        Every value encrypted under it, in this file, its change log, backups taken
+        earlier and Postgres, becomes unreadable: reads give ``localstore.FORGOTTEN``
+        and blind-index lookups no longer match. The key's bytes are zeroed in the file
+        and the WAL is checkpointed; this cannot be undone.
+        """
+        from .errors import ValidationError
+        from .keys import checkpoint_truncate
+
+        if isinstance(subject, bool) or not isinstance(subject, (str, int)):
+            raise ValidationError(f"store {self.path}: forget takes a subject id (str or int), got {type(subject).__name__}")
+        with self.transaction():
+            count = self._keys.forget(subject)
+        with self._lock, boundary(self.path, "checkpointing after forget"):
+            self._db.execute("PRAGMA secure_delete=OFF")
+            checkpoint_truncate(self)
+        return count > 0
+
+
+def _open_keys_from(source: Any, store: Store, master: bytes | None) -> Store | None:
+    """For a backup: the live store whose subject keys it should use (same store id)."""
+    if source is None:
+        return None
+    live = source if isinstance(source, Store) else Store(source, key=master, create=False)
+    if live.id != store.id:
+        raise StoreOpenError(
+            f"keys_from={live.path} is store {live.id}, but {store.path} is a copy of store {store.id}; "
+            "pass the live store this backup was taken from"
+        )
+    return live
+
+
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 #: How the in-memory vector cache holds each filter field type.
@@ -480,6 +559,10 @@ def open(
     busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
     create: bool = True,
     vector_cache: bool = True,
+    key: str | bytes | None = None,
+    key_file: str | os.PathLike[str] | None = None,
+    keys_from: str | os.PathLike[str] | Store | None = None,
+    max_messages_per_key: int | None = None,
 ) -> Store:
     """Open one agent's store at ``path``, creating it (mode 0600) if missing.
 
@@ -487,8 +570,17 @@ def open(
     the default ``"normal"`` survives process crashes and is several times faster.
     ``vector_cache=False`` answers ``nearest`` through sqlite-vec alone instead of an
     in-memory copy of each vector field (less memory, slower exact scans).
+
+    Encrypted fields need the master key: ``key`` (base64 text or 32 bytes), else
+    ``$LOCALSTORE_KEY``, else a key file (``key_file`` or ``$LOCALSTORE_KEY_FILE``,
+    mode 0600). A wrong key raises ``WrongKeyError`` here. ``keys_from`` opens a
+    backup with the subject keys of its live store; ``max_messages_per_key`` caps
+    the values encrypted per data key (default 2^30) before a new key is made.
     """
-    return Store(path, durability=durability, busy_timeout_ms=busy_timeout_ms, create=create, vector_cache=vector_cache)
+    return Store(
+        path, durability=durability, busy_timeout_ms=busy_timeout_ms, create=create, vector_cache=vector_cache,
+        key=key, key_file=key_file, keys_from=keys_from, max_messages_per_key=max_messages_per_key,
+    )
 
 
 __all__ = ["LocalStoreError", "Store", "open"]
