@@ -21,7 +21,14 @@ from typing import Any
 from localstore.store import Store
 from localstore.workspace import SUFFIX, Workspace
 
-from .batching import DEFAULT_BATCH_BYTES, DEFAULT_BATCH_ROWS, DEFAULT_DEBOUNCE_S, Backoff, Debouncer
+from .batching import (
+    DEFAULT_BACKOFF_CAP_S,
+    DEFAULT_BATCH_BYTES,
+    DEFAULT_BATCH_ROWS,
+    DEFAULT_DEBOUNCE_S,
+    Backoff,
+    Debouncer,
+)
 from .central import DEFAULT_SCHEMA, Central
 from .errors import (
     AuthenticationError,
@@ -64,6 +71,7 @@ class SyncEngine:
         pull: bool = True,
         watch: bool = True,
         open_stores: int = DEFAULT_OPEN_STORES,
+        backoff_cap: float = DEFAULT_BACKOFF_CAP_S,
     ) -> None:
         self.url = resolve_url(url)
         self.shown_url = redact(self.url)
@@ -87,7 +95,7 @@ class SyncEngine:
         self.pull = pull
         self.watch = watch
         self._debouncer = Debouncer(delay=debounce, max_delay=max(0.5, debounce * 10))
-        self._backoff = Backoff()
+        self._backoff = Backoff(cap=backoff_cap)
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
