@@ -12,7 +12,8 @@ Encrypted value (what an ``encrypt=True`` column holds)::
     n + 16      AES-256-GCM ciphertext and tag
 
 The associated data binds the value to its place: store id, collection, field
-and row key. A value copied to another row, field or store fails to decrypt.
+and row key, followed by the header itself (format, tag, key id). A value copied
+to another row, field or store fails to decrypt, and so does any changed bit.
 
 Wrapped key (a row of ``_ls_keys``): 12-byte nonce + AES-GCM(key-encryption key,
 32-byte key, associated data = store id + key id). The key-encryption key is
@@ -82,10 +83,9 @@ def blind_tag(index_key: bytes, plaintext: bytes) -> bytes:
 def encrypt(cipher: AESGCM, key_id: int, plaintext: bytes, aad: bytes, tag: bytes | None = None) -> bytes:
     """Encrypt one value with a fresh random nonce; return the stored bytes (header + ciphertext)."""
     nonce = os.urandom(NONCE_BYTES)
-    body = _KID.pack(key_id) + nonce + cipher.encrypt(nonce, plaintext, aad)
-    if tag is None:
-        return b"\xe1" + body
-    return b"\xe2" + tag + body
+    head = b"\xe1" + _KID.pack(key_id) if tag is None else b"\xe2" + tag + _KID.pack(key_id)
+    # The header (format, tag, key id) is authenticated too, so no bit of the value can change unseen.
+    return head + nonce + cipher.encrypt(nonce, plaintext, aad + head)
 
 
 def key_id_of(stored: bytes) -> int:
@@ -104,7 +104,7 @@ def decrypt(cipher: AESGCM, stored: bytes, aad: bytes) -> bytes:
     """Decrypt the stored bytes of one value; raise ``DecryptFailed`` on any mismatch."""
     start = 1 + _KID.size if stored[0] == FORMAT_ENCRYPTED else 1 + TAG_BYTES + _KID.size
     try:
-        return cipher.decrypt(stored[start : start + NONCE_BYTES], stored[start + NONCE_BYTES :], aad)
+        return cipher.decrypt(stored[start : start + NONCE_BYTES], stored[start + NONCE_BYTES :], aad + stored[:start])
     except (InvalidTag, ValueError):
         raise DecryptFailed() from None
 

@@ -30,6 +30,7 @@ import struct
 import threading
 from typing import TYPE_CHECKING, Any
 
+import apsw
 import zstandard as zstd
 
 from . import clock
@@ -46,12 +47,12 @@ DEFAULT_LEVEL = 3
 DEFAULT_DICT_BYTES = 112 * 1024
 
 #: The smallest dictionary trained, in bytes; training starts once 100x this many
-#: bytes of samples exist for the field (about 800 KB).
-DEFAULT_MIN_DICT_BYTES = 8 * 1024
+#: bytes of samples exist for the field (about 400 KB).
+DEFAULT_MIN_DICT_BYTES = 4 * 1024
 
 #: Bytes written to a field between two checks for (re)training. The first write
 #: of each process checks too, so stores written a little at a time are trained as well.
-DEFAULT_CHECK_BYTES = 1024 * 1024
+DEFAULT_CHECK_BYTES = 256 * 1024
 
 #: Retrain when the measured ratio falls below this share of the ratio measured at training.
 DEFAULT_RETRAIN_SHARE = 0.8
@@ -143,7 +144,10 @@ class Dictionaries:
         tx, depth = created
         if tx is store._tx and depth == 1:
             return True
-        found = store._db.execute("SELECT 1 FROM _ls_dicts WHERE id = ?", (dict_id,)).fetchone() is not None
+        try:
+            found = store._db.execute("SELECT 1 FROM _ls_dicts WHERE id = ?", (dict_id,)).fetchone() is not None
+        except apsw.SQLError:  # the table itself was rolled back
+            found = False
         if found and tx is not store._tx:
             del self._created[dict_id]
         if not found:

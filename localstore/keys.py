@@ -266,7 +266,10 @@ class KeyRing:
         tx, depth = created
         if tx is store._tx and depth == 1:
             return True  # created by this very top-level transaction, which is still open
-        found = store._db.execute("SELECT 1 FROM _ls_keys WHERE id = ?", (key_id,)).fetchone() is not None
+        try:
+            found = store._db.execute("SELECT 1 FROM _ls_keys WHERE id = ?", (key_id,)).fetchone() is not None
+        except apsw.SQLError:  # the table itself was rolled back
+            found = False
         if found and tx is not store._tx:
             del self._created[key_id]  # a later transaction sees it: it was committed
         if not found:

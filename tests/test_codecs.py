@@ -1,0 +1,202 @@
+"""Compressed fields: zstd per value, trained dictionaries, raw values, numpy arrays."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import apsw
+import numpy as np
+import pytest
+from conftest import PYTHON, ROOT
+
+import localstore as ls
+from localstore import dictionaries
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _harness import english_text  # noqa: E402
+
+KEY = ls.generate_key()
+
+
+def _memories(n: int, seed: int = 1) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    return [
+        {"id": f"m{seed}-{i}", "text": english_text(rng, 330),
+         "meta": {"kind": rng.choice(["observation", "reflection", "plan"]), "importance": round(rng.random(), 3)}}
+        for i in range(n)
+    ]
+
+
+def _declare(store: ls.Store, **text_options: Any) -> ls.Collection:
+    return store.collection("memories", key="id", fields={
+        "id": ls.Text(), "text": ls.Text(compress=True, **text_options), "meta": ls.Json(compress=True),
+    })
+
+
+def _column(path: Path, sql: str) -> list[Any]:
+    conn = apsw.Connection(str(path))
+    try:
+        return [r[0] for r in conn.execute(sql)]
+    finally:
+        conn.close()
+
+
+def _dicts(path: Path) -> list[tuple[Any, ...]]:
+    conn = apsw.Connection(str(path))
+    try:
+        if not conn.execute("SELECT 1 FROM sqlite_schema WHERE name='_ls_dicts'").fetchone():
+            return []
+        return conn.execute("SELECT id, coll, field, size, ratio FROM _ls_dicts ORDER BY id").fetchall()
+    finally:
+        conn.close()
+
+
+def test_dictionary_training_kicks_in_and_beats_plain_zstd(tmp_path: Path, subprocess_env: dict[str, str]) -> None:
+    path = tmp_path / "s.db"
+    rows = _memories(4000)
+    with ls.open(path) as store:
+        memories = _declare(store)
+        memories.put_many(rows[:500])
+        assert _dicts(path) == []  # too few samples yet: plain zstd
+        for start in range(500, 4000, 500):
+            memories.put_many(rows[start : start + 500])
+        assert memories.find() == rows
+    made = _dicts(path)
+    assert made and all(d[1:3] == ("memories", "text") for d in made)
+    assert all(dictionaries.FIRST_DICT_ID <= d[0] <= dictionaries.LAST_DICT_ID for d in made)
+    flags = _column(path, "SELECT substr(text, 1, 1) FROM memories ORDER BY rowid")
+    assert flags[0] == b"\x01" and flags[-1] == b"\x02"  # first rows plain zstd, last ones with a dictionary
+    stored = _column(path, "SELECT text FROM memories ORDER BY rowid")
+    raw = [r["text"].encode() for r in rows]
+    tail_ratio = sum(map(len, raw[-500:])) / sum(map(len, stored[-500:]))
+    head_ratio = sum(map(len, raw[:500])) / sum(map(len, stored[:500]))
+    assert tail_ratio > head_ratio * 1.3
+    # and in a fresh process, dictionaries come from the file
+    script = (
+        "import localstore as ls, sys, json\n"
+        "rows = ls.open(sys.argv[1]).collection('memories').find()\n"
+        "print(json.dumps(rows))\n"
+    )
+    out = subprocess.run([PYTHON, "-c", script, str(path)], env=subprocess_env, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == rows
+
+
+def test_retraining_when_the_ratio_drops_keeps_old_values_readable(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    english = _memories(3000)
+    rng = random.Random(5)
+    other = [{"id": f"h{i}", "text": " ".join(f"{rng.getrandbits(64):016x}" for _ in range(25)), "meta": [i]} for i in range(6000)]
+    with ls.open(path) as store:
+        memories = _declare(store)
+        for start in range(0, 3000, 500):
+            memories.put_many(english[start : start + 500])
+        first = _dicts(path)
+        assert len(first) >= 1
+        for start in range(0, 6000, 500):
+            memories.put_many(other[start : start + 500])
+        later = _dicts(path)
+        assert len(later) > len(first)
+        assert memories.find() == english + other
+    conn = apsw.Connection(str(path))
+    used = {r[0] for r in conn.execute("SELECT DISTINCT substr(text, 2, 4) FROM memories WHERE substr(text, 1, 1) = x'02'")}
+    conn.close()
+    assert len(used) >= 2  # values under several dictionaries, all decodable
+    with ls.open(path) as store:
+        assert store.collection("memories").find() == english + other
+
+
+def test_dictionaries_are_immutable_and_missing_ones_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    rows = _memories(3000)
+    with ls.open(path) as store:
+        memories = _declare(store)
+        for start in range(0, 3000, 500):
+            memories.put_many(rows[start : start + 500])
+    conn = apsw.Connection(str(path))
+    for sql in ("UPDATE _ls_dicts SET ratio = 0", "DELETE FROM _ls_dicts"):
+        with pytest.raises(apsw.ConstraintError, match="localstore dictionaries"):
+            conn.execute(sql)
+    conn.execute("DROP TRIGGER _ls_dicts_no_delete; DELETE FROM _ls_dicts")  # what a careless copy might do
+    conn.close()
+    with ls.open(path) as store:
+        memories = store.collection("memories")
+        assert memories.get(rows[0]["id"]) == rows[0]  # plain zstd values need no dictionary
+        with pytest.raises(ls.MissingDictionaryError) as info:
+            memories.get(rows[-1]["id"])
+        for part in (str(path), "'memories'", "'text'", repr(rows[-1]["id"])):
+            assert part in str(info.value)
+        with pytest.raises(ls.MissingDictionaryError):
+            memories.find()
+
+
+def test_values_that_do_not_shrink_are_stored_raw(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    rng = random.Random(3)
+    with ls.open(path) as store:
+        coll = store.collection("c", key="id", fields={"id": ls.Integer(), "b": ls.Blob(compress=True), "t": ls.Text(compress=True)})
+        values = [bytes(rng.getrandbits(8) for _ in range(300)), b"tiny", b"a" * 300]
+        coll.put_many([{"id": i, "b": v, "t": v.decode("latin-1")} for i, v in enumerate(values)])
+        assert [r["b"] for r in coll.find()] == values
+        assert [r["t"] for r in coll.find()] == [v.decode("latin-1") for v in values]
+    stored = _column(path, "SELECT b FROM c ORDER BY id")
+    assert stored[0][:1] == b"\x00" and stored[0][1:] == values[0]
+    assert stored[1] == b"\x00tiny"
+    assert stored[2][:1] == b"\x01" and len(stored[2]) < 40
+
+
+ARRAYS = [
+    np.linspace(0, 1, 5000).reshape(50, 100),
+    np.sin(np.arange(4096, dtype="<f4") / 50),
+    np.arange(1000, dtype=">i8"),
+    np.zeros((0, 3), dtype="<f2"),
+    np.array(3.5),
+    np.array([True, False] * 300),
+    (np.arange(200) + 1j * np.arange(200)).astype("<c16"),
+    np.arange(24, dtype=np.uint8).reshape(2, 3, 4)[:, ::2],  # not contiguous
+    np.random.default_rng(1).standard_normal(3000).astype("<f8"),
+]
+
+
+@pytest.mark.parametrize("encrypt", [False, True])
+def test_numpy_arrays_keep_dtype_and_shape(tmp_path: Path, encrypt: bool) -> None:
+    path = tmp_path / "s.db"
+    with ls.open(path, key=KEY) as store:
+        coll = store.collection("c", key="id", fields={"id": ls.Integer(), "a": ls.Array(compress=True, encrypt=encrypt)})
+        coll.put_many([{"id": i, "a": a} for i, a in enumerate(ARRAYS)])
+        for i, a in enumerate(ARRAYS):
+            got = coll.get(i)["a"]  # type: ignore[index]
+            assert got.dtype == a.dtype and got.shape == a.shape and np.array_equal(got, a)
+            got[...] = 0  # writable
+    sizes = _column(path, "SELECT length(a) FROM c ORDER BY id")
+    assert sizes[0] < ARRAYS[0].nbytes * 0.6  # smooth float64: byte shuffling makes it compress
+    assert sizes[2] < ARRAYS[2].nbytes * 0.3
+
+
+def test_encrypted_fields_use_plain_zstd_and_never_train(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    rows = _memories(3000)
+    with ls.open(path, key=KEY) as store:
+        memories = _declare(store, encrypt=True)
+        for start in range(0, 3000, 500):
+            memories.put_many(rows[start : start + 500])
+        assert memories.find() == rows
+    assert [d[2] for d in _dicts(path)] in ([], ["meta"], ["meta", "meta"])  # never "text"
+    stored = _column(path, "SELECT text FROM memories")
+    assert sum(map(len, stored)) < sum(len(r["text"].encode()) for r in rows) / 1.15  # compressed, then encrypted
+
+
+def test_compressed_fields_refuse_where_and_order_by(tmp_path: Path) -> None:
+    with ls.open(tmp_path / "s.db") as store:
+        memories = _declare(store)
+        memories.put(_memories(1)[0])
+        with pytest.raises(ls.QueryError, match="compressed"):
+            memories.find(where={"text": "x"})
+        with pytest.raises(ls.QueryError, match="compressed"):
+            memories.find(order_by="text")
+        change = store.changelog.changes()[0]
+        assert memories.decode_payload(change.payload) == _memories(1)[0]  # type: ignore[arg-type]
