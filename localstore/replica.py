@@ -121,6 +121,33 @@ def internal_tables(store: Store) -> list[dict[str, Any]]:
     return store._run(read, "reading internal tables")  # type: ignore[no-any-return]
 
 
+def fingerprint(store: Store) -> str:
+    """A cheap digest of what ``collection_specs`` and ``internal_tables`` would return, to skip re-reading them.
+
+    Uses the schema version, the non-position ``_ls_meta`` entries, and per replicated
+    table its row count and total value length (SQLite reads lengths from record headers).
+    """
+    def read(db: Any) -> str:
+        parts: list[Any] = [db.execute("PRAGMA schema_version").fetchone()[0]]
+        marks = ", ".join("?" for _ in _LOCAL_META)
+        parts.append(db.execute(f"SELECT group_concat(key || '=' || quote(value)) FROM _ls_meta WHERE key NOT IN ({marks})",
+                                _LOCAL_META).fetchone()[0])
+        parts.append(db.execute("SELECT group_concat(name || fields) FROM _ls_collections").fetchone()[0])
+        for (name,) in db.execute(
+            "SELECT name FROM sqlite_schema WHERE type = 'table' AND name LIKE '\\_ls%' ESCAPE '\\' ORDER BY name"
+        ).fetchall():
+            if name in _NOT_REPLICATED or name == "_ls_meta" or name.startswith(_DERIVED_PREFIXES):
+                continue
+            cols = [r[1] for r in db.execute(f"PRAGMA table_info({quote(name)})")]
+            if not cols:
+                continue
+            lengths = " + ".join(f"total(length({quote(c)}))" for c in cols)
+            parts.append((name, *db.execute(f"SELECT count(*), {lengths} FROM {quote(name)}").fetchone()))
+        return repr(parts)
+
+    return store._run(read, "fingerprinting the store's schema")  # type: ignore[no-any-return]
+
+
 def load_internal_tables(store: Store, tables: list[dict[str, Any]]) -> None:
     """Bring back internal tables shipped by ``internal_tables`` (creating any the store lacks)."""
     with store.transaction(), boundary(store.path, "restoring internal tables"):
@@ -334,6 +361,7 @@ __all__ = [
     "create_with_id",
     "declare_from_spec",
     "finish_restore",
+    "fingerprint",
     "internal_tables",
     "load_internal_tables",
     "load_restored",

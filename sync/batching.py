@@ -20,7 +20,10 @@ DEFAULT_BACKOFF_CAP_S = 30.0
 
 #: How long the daemon waits after the last file event of a store before syncing it, in seconds.
 #: 0 syncs on the first event (no coalescing).
-DEFAULT_DEBOUNCE_S = 0.05
+DEFAULT_DEBOUNCE_S = 0.02
+
+#: The longest a steady stream of writes can postpone a store's sync, in seconds.
+DEFAULT_DEBOUNCE_MAX_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,7 @@ class Debouncer:
     """
 
     delay: float = DEFAULT_DEBOUNCE_S
-    max_delay: float = 0.5
+    max_delay: float = DEFAULT_DEBOUNCE_MAX_S
     _due: dict[str, float] = field(default_factory=dict)
     _first: dict[str, float] = field(default_factory=dict)
 

@@ -73,6 +73,10 @@ class StoreInfo:
     name: str
     plans: dict[str, CollectionPlan] = field(default_factory=dict)
     specs_digest: str = ""
+    #: ``replica.fingerprint`` of the store when it was last registered on this connection.
+    fingerprint: str = ""
+    #: The highest seq this connection saw Postgres commit for the store; None until read.
+    position: int | None = None
     dictionaries: set[int] = field(default_factory=set)
 
 
@@ -100,6 +104,7 @@ class Central:
         self.have_vector = False
         self._columns: dict[str, dict[str, str]] = {}  # state table -> column -> type
         self._stores: dict[str, StoreInfo] = {}
+        self._staging: set[str] = set()  # temp staging tables made on this connection
 
     # -- connection ---------------------------------------------------------------------
 
@@ -123,8 +128,10 @@ class Central:
             raise wrap(exc, self.url, "connecting") from None
         self._conn = conn
         self._columns.clear()
+        self._staging.clear()
         for info in self._stores.values():
-            info.specs_digest = ""
+            info.specs_digest = info.fingerprint = ""
+            info.position = None
         try:
             self._ensure_schema(conn)
         except BaseException:
@@ -148,6 +155,7 @@ class Central:
             with conn.transaction():
                 return fn(conn)
         except Exception as exc:
+            self._staging.clear()  # temp tables made in a rolled-back transaction are gone
             err = wrap(exc, self.url, action)
             if conn.broken or conn.closed:
                 self.close()
@@ -253,6 +261,13 @@ class Central:
             return int(row[0]) if row else 0
 
         return int(self.run("reading a store's position", read))
+
+    def known(self, store_id: str, fingerprint: str) -> StoreInfo | None:
+        """The store's registration, if it was registered on this connection with this fingerprint."""
+        info = self._stores.get(store_id)
+        if info is not None and fingerprint and info.fingerprint == fingerprint and self._conn is not None:
+            return info
+        return None
 
     def register(self, store_id: str, name: str, workspace: str, specs: list[dict[str, Any]],
                  dictionaries: list[dict[str, Any]], tables: list[dict[str, Any]] | None = None) -> StoreInfo:
@@ -390,8 +405,10 @@ class Central:
         last = changes[-1]
 
         def merge(c: psycopg.Connection[Any]) -> None:
-            c.execute("CREATE TEMP TABLE IF NOT EXISTS _ls_stage_changes (store_id uuid, seq bigint, hlc bigint, "
-                      "collection text, key text, op text, payload bytea) ON COMMIT DELETE ROWS")
+            if "_ls_stage_changes" not in self._staging:
+                c.execute("CREATE TEMP TABLE IF NOT EXISTS _ls_stage_changes (store_id uuid, seq bigint, hlc bigint, "
+                          "collection text, key text, op text, payload bytea) ON COMMIT DELETE ROWS")
+                self._staging.add("_ls_stage_changes")
             with c.cursor() as cur:
                 with cur.copy("COPY _ls_stage_changes (store_id, seq, hlc, collection, key, op, payload) "
                               "FROM STDIN") as cp:
@@ -412,14 +429,23 @@ class Central:
                         self._q("stores"), self._q("stores"), self._q("stores")),
                     (store_id, info.name, last.seq, last.hlc))
 
-        self.run(f"shipping changes of store {info.name}", merge)
+        try:
+            self.run(f"shipping changes of store {info.name}", merge)
+        except BaseException:
+            info.position = None  # unknown: the commit may or may not have happened
+            raise
+        info.position = max(info.position or 0, last.seq)
 
     def _merge_state(self, cur: psycopg.Cursor[Any], plan: CollectionPlan, store_id: str, changes: list[Any]) -> None:
-        stage = sql.Identifier(f"_ls_stage_{plan.table}"[:63])
         cols = [*STATE_COLUMNS, *plan.fields]
+        # One staging table per (state table, columns) per connection, emptied at each commit.
+        name = "_ls_stage_" + hashlib.sha1(f"{plan.table}|{'|'.join(cols)}".encode()).hexdigest()[:16]
+        stage = sql.Identifier(name)
         col_ids = sql.SQL(", ").join(sql.Identifier(c) for c in cols)
-        cur.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
-            stage, col_ids, self._q(plan.table)))
+        if name not in self._staging:
+            cur.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ON COMMIT DELETE ROWS AS SELECT {} FROM {} WITH NO DATA")
+                        .format(stage, col_ids, self._q(plan.table)))
+            self._staging.add(name)
         fields, convs = plan.fields, plan.converters
         with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(stage, col_ids)) as cp:
             for ch in changes:
@@ -438,7 +464,6 @@ class Central:
             "_ls_xid = pg_current_xact_id(), _ls_synced_at = now() "
             "WHERE (excluded._ls_hlc, excluded._ls_store) > (t._ls_hlc, t._ls_store)").format(
                 target, col_ids, col_ids, stage, updates))
-        cur.execute(sql.SQL("DROP TABLE {}").format(stage))
 
 
 MIGRATIONS = {1: Central._migrate_1}

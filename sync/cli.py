@@ -202,7 +202,7 @@ def register(sub: Any) -> None:
     p.add_argument("path", help="a workspace folder or a store file")
     _common(p)
     p.add_argument("--hnsw", action="store_true", help="create HNSW indexes on vector columns")
-    p.add_argument("--debounce", type=float, default=0.05, help="seconds to wait after a write before syncing")
+    p.add_argument("--debounce", type=float, default=0.02, help="seconds to wait after a write before syncing")
     p.add_argument("--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=cmd_daemon)
 

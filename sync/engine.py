@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ from .batching import (
     DEFAULT_BACKOFF_CAP_S,
     DEFAULT_BATCH_BYTES,
     DEFAULT_BATCH_ROWS,
+    DEFAULT_DEBOUNCE_MAX_S,
     DEFAULT_DEBOUNCE_S,
     Backoff,
     Debouncer,
@@ -45,6 +47,9 @@ log = logging.getLogger("localstore.sync")
 
 #: Stores kept open by one engine; older ones are closed and reopened when next due.
 DEFAULT_OPEN_STORES = 64
+
+#: Worker threads shipping different stores at once, each with its own Postgres connection. 1 is serial.
+DEFAULT_WORKERS = 4
 
 #: Errors that no retry can fix: the engine reports them and keeps retrying slowly only in daemon mode.
 FATAL = (AuthenticationError, DatabaseMissingError, ConfigError)
@@ -72,6 +77,7 @@ class SyncEngine:
         watch: bool = True,
         open_stores: int = DEFAULT_OPEN_STORES,
         backoff_cap: float = DEFAULT_BACKOFF_CAP_S,
+        workers: int = DEFAULT_WORKERS,
     ) -> None:
         self.url = resolve_url(url)
         self.shown_url = redact(self.url)
@@ -91,10 +97,18 @@ class SyncEngine:
         if batch_rows < 1 or batch_bytes < 1:
             raise ConfigError("batch_rows and batch_bytes must be positive")
         self.central = Central(self.url, schema, hnsw=hnsw)
+        self.schema, self.hnsw = schema, hnsw
+        self.workers = max(1, workers)
+        self._local = threading.local()
+        self._centrals: list[Central] = []
+        self._inflight: set[str] = set()
+        self._dirty: set[str] = set()
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()  # counters, the open-store cache, the connection list
         self.batch_rows, self.batch_bytes = batch_rows, batch_bytes
         self.pull = pull
         self.watch = watch
-        self._debouncer = Debouncer(delay=debounce, max_delay=max(0.5, debounce * 10))
+        self._debouncer = Debouncer(delay=debounce, max_delay=max(DEFAULT_DEBOUNCE_MAX_S, debounce * 5))
         self._backoff = Backoff(cap=backoff_cap)
         self._cond = threading.Condition()
         self._stopping = False
@@ -120,6 +134,7 @@ class SyncEngine:
         if self.watch:
             self._start_observer()
         self.notify_all()
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="localstore-sync-worker")
         self._thread = threading.Thread(target=self._loop, name="localstore-sync", daemon=True)
         self._thread.start()
         log.info("sync engine started", extra={"event": "started", "folder": self.folder, "url": self.shown_url})
@@ -138,16 +153,26 @@ class SyncEngine:
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(timeout)
-            if thread.is_alive():
-                conn = self.central._conn
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._inflight and time.monotonic() < deadline:
+                self._cond.wait(deadline - time.monotonic())
+            abandon = bool(self._inflight)
+        if abandon:
+            for central in list(self._centrals):  # abandon: the open transactions roll back
+                conn = central._conn
                 if conn is not None:
                     try:
                         conn.cancel()
                     except Exception:  # best effort: the transaction is abandoned either way
                         pass
-                thread.join(5)
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
         self._close_stores()
-        self.central.close()
+        for central in [self.central, *self._centrals]:
+            central.close()
+        self._centrals.clear()
         log.info("sync engine stopped", extra={"event": "stopped", "folder": self.folder})
 
     def __enter__(self) -> SyncEngine:
@@ -225,16 +250,39 @@ class SyncEngine:
                     return
                 self.wakeups += 1
                 due = self._debouncer.pop_due(time.monotonic())
-            for name in due:
-                if self._stopping:
-                    return
-                self._sync_one(name)
+                for name in due:
+                    if name in self._inflight:
+                        self._dirty.add(name)  # synced again when the running pass ends
+                        continue
+                    self._inflight.add(name)
+                    assert self._pool is not None
+                    self._pool.submit(self._work, name)
 
-    def _sync_one(self, name: str) -> PassResult | None:
+    def _work(self, name: str) -> None:
+        try:
+            if not self._stopping:
+                self._sync_one(name, self._worker_central())
+        finally:
+            with self._cond:
+                self._inflight.discard(name)
+                if name in self._dirty:
+                    self._dirty.discard(name)
+                    self._debouncer.touch(name, time.monotonic())
+                self._cond.notify_all()
+
+    def _worker_central(self) -> Central:
+        central: Central | None = getattr(self._local, "central", None)
+        if central is None:
+            central = self._local.central = Central(self.url, self.schema, hnsw=self.hnsw)
+            with self._lock:
+                self._centrals.append(central)
+        return central
+
+    def _sync_one(self, name: str, central: Central) -> PassResult | None:
         try:
             store = self._store(name)
             result = sync_store(
-                self.central, store, batch_rows=self.batch_rows, batch_bytes=self.batch_bytes,
+                central, store, batch_rows=self.batch_rows, batch_bytes=self.batch_bytes,
                 should_stop=lambda: self._stopping, pull=self.pull, after_commit=self.after_commit,
             )
         except SeqConflictError as exc:
@@ -243,7 +291,8 @@ class SyncEngine:
             return None
         except (PostgresError, SyncError) as exc:
             self.last_error = exc
-            delay = self._backoff.next_delay()
+            with self._lock:
+                delay = self._backoff.next_delay()
             if not self._down:
                 log.warning("postgres unavailable; changes stay queued in the stores",
                             extra={"event": "postgres_down", "store": name, "error": str(exc),
@@ -261,9 +310,10 @@ class SyncEngine:
         if self._down:
             log.info("postgres reachable again", extra={"event": "postgres_up"})
             self._down = False
-        self._backoff.reset()
-        self.passes += 1
-        self.shipped += result.shipped
+        with self._lock:
+            self._backoff.reset()
+            self.passes += 1
+            self.shipped += result.shipped
         if result.shipped or result.pulled:
             log.info("synced", extra={"event": "synced", **describe_result(result)})
         return result
@@ -274,24 +324,31 @@ class SyncEngine:
             self._debouncer.schedule(name, at)
 
     def _store(self, name: str) -> Store:
-        store = self._stores.get(name)
-        if store is not None and not store.closed:
-            self._stores.move_to_end(name)
-            return store
+        with self._lock:
+            store = self._stores.get(name)
+            if store is not None and not store.closed:
+                self._stores.move_to_end(name)
+                return store
         store = Store(os.path.join(self.folder, name + SUFFIX), create=False)
-        self._stores[name] = store
-        while len(self._stores) > self._open_limit:
-            _, old = self._stores.popitem(last=False)
-            old.close()
+        with self._lock:
+            self._stores[name] = store
+            self._stores.move_to_end(name)
+            for old_name in list(self._stores):
+                if len(self._stores) <= self._open_limit:
+                    break
+                if old_name not in self._inflight:
+                    self._stores.pop(old_name).close()
         return store
 
     def _evict(self, name: str) -> None:
-        store = self._stores.pop(name, None)
+        with self._lock:
+            store = self._stores.pop(name, None)
         if store is not None:
             store.close()
 
     def _close_stores(self) -> None:
-        stores, self._stores = list(self._stores.values()), OrderedDict()
+        with self._lock:
+            stores, self._stores = list(self._stores.values()), OrderedDict()
         for store in stores:
             store.close()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ from localstore import replica
 from localstore.store import Store
 
 from .batching import DEFAULT_BATCH_BYTES, DEFAULT_BATCH_ROWS, Positions, ack_point, plan
-from .central import Central
+from .central import Central, StoreInfo
 from .errors import SeqConflictError
 
 log = logging.getLogger("localstore.sync")
@@ -52,19 +53,18 @@ def sync_store(
     """
     result = PassResult(store.name)
     changelog = store.changelog
-    specs = replica.collection_specs(store)
-    info = central.register(
-        store.id, store.name, os.path.dirname(os.path.abspath(store.path)), specs,
-        replica.local_dictionaries(store), replica.internal_tables(store),
-    )
-    positions = Positions(changelog.last_seq(), changelog.watermark(), central.position(store.id))
+    info = _register(central, store)
+    central_seq = info.position if info.position is not None else central.position(store.id)
+    positions = Positions(changelog.last_seq(), changelog.watermark(), central_seq)
     action, at = plan(positions)
     if action == "conflict":
+        info.position = None
         raise SeqConflictError(
             f"store {store.path} (id {store.id}): Postgres already holds its changes up to seq {at}, but the file's "
             f"last seq is {positions.last_seq}; this file is an older copy (a backup?) and shipping it would reuse "
             "seqs. Restore the store from Postgres (localstore restore) instead"
         )
+    info.position = central_seq
     after = positions.watermark
     if action == "ack":
         # The previous run committed in Postgres but died before writing the watermark.
@@ -72,29 +72,55 @@ def sync_store(
                                                                    "seq": at})
         after = changelog.ack(at)
         result.acked_lost = True
-    while action != "conflict" and not should_stop():
-        batch = changelog.changes(after, limit=batch_rows, max_bytes=batch_bytes)
-        if not batch:
-            break
-        if any(ch.collection not in info.plans for ch in batch):
-            # Declared after our read of the schemas: register again, then ship.
-            info = central.register(store.id, store.name, os.path.dirname(os.path.abspath(store.path)),
-                                    replica.collection_specs(store), replica.local_dictionaries(store),
-                                    replica.internal_tables(store))
-        central.ship(info, batch)
-        seq = ack_point([ch.seq for ch in batch], after)
-        if after_commit is not None:
-            after_commit(seq)
-        after = changelog.ack(seq)
-        result.shipped += len(batch)
-        result.batches += 1
-        if progress is not None:
-            progress(len(batch))
+
+    def read(position: int) -> list[Any]:
+        return changelog.changes(position, limit=batch_rows, max_bytes=batch_bytes)
+
+    # With a backlog, the next batch is read from SQLite while Postgres merges the current one.
+    pool: ThreadPoolExecutor | None = None
+    try:
+        batch = read(after) if positions.last_seq > after else []
+        while batch and not should_stop():
+            upcoming = None
+            if len(batch) >= batch_rows or changelog.last_seq() > batch[-1].seq:
+                pool = pool or ThreadPoolExecutor(1, thread_name_prefix="localstore-sync-read")
+                upcoming = pool.submit(read, batch[-1].seq)
+            if any(ch.collection not in info.plans for ch in batch):
+                # Declared after our read of the schemas: register again, then ship.
+                info = _register(central, store, force=True)
+            central.ship(info, batch)
+            seq = ack_point([ch.seq for ch in batch], after)
+            if after_commit is not None:
+                after_commit(seq)
+            after = changelog.ack(seq)
+            result.shipped += len(batch)
+            result.batches += 1
+            if progress is not None:
+                progress(len(batch))
+            batch = upcoming.result() if upcoming is not None else []
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
     if pull and not should_stop():
         from .replicate import pull_subscriptions
 
         result.pulled = pull_subscriptions(central, store)
     return result
+
+
+def _register(central: Central, store: Store, *, force: bool = False) -> StoreInfo:
+    """Register the store (schemas, dictionaries, internal tables) unless nothing changed since last time."""
+    fp = replica.fingerprint(store)
+    if not force:
+        known = central.known(store.id, fp)
+        if known is not None:
+            return known
+    info = central.register(
+        store.id, store.name, os.path.dirname(os.path.abspath(store.path)), replica.collection_specs(store),
+        replica.local_dictionaries(store), replica.internal_tables(store),
+    )
+    info.fingerprint = fp
+    return info
 
 
 def lag_seconds(store: Store, now: float) -> float:
