@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 from collections import OrderedDict
@@ -359,19 +360,42 @@ class SyncEngine:
 
         Raises the first ``SyncError`` (no retries): for one-shot runs and tests.
         """
-        total = 0
-        for name in self.names():
-            store = self._store(name)
-            result = sync_store(self.central, store, batch_rows=self.batch_rows, batch_bytes=self.batch_bytes,
-                                pull=self.pull, progress=progress, after_commit=self.after_commit)
-            total += result.shipped
-        self.shipped += total
+        names = self.names()
+        spare: queue.SimpleQueue[Central] = queue.SimpleQueue()
+        for central in self._once_centrals():
+            spare.put(central)
+
+        def one(name: str) -> int:
+            central = spare.get()  # one connection per concurrent pass, reused across calls
+            try:
+                result = sync_store(central, self._store(name), batch_rows=self.batch_rows,
+                                    batch_bytes=self.batch_bytes, pull=self.pull, progress=progress,
+                                    after_commit=self.after_commit)
+            finally:
+                spare.put(central)
+            return result.shipped
+
+        if self.workers == 1 or len(names) < 2:
+            total = sum(one(n) for n in names)
+        else:
+            with ThreadPoolExecutor(min(self.workers, len(names)), thread_name_prefix="localstore-sync-once") as pool:
+                total = sum(pool.map(one, names))
+        with self._lock:
+            self.shipped += total
         return total
 
+    def _once_centrals(self) -> list[Central]:
+        with self._lock:
+            while len(self._centrals) < self.workers - 1:
+                self._centrals.append(Central(self.url, self.schema, hnsw=self.hnsw))
+            return [self.central, *self._centrals[: self.workers - 1]]
+
     def close(self) -> None:
-        """Close the stores and the Postgres connection (after ``sync_now`` use)."""
+        """Close the stores and the Postgres connections (after ``sync_now`` use)."""
         self._close_stores()
-        self.central.close()
+        for central in [self.central, *self._centrals]:
+            central.close()
+        self._centrals.clear()
 
 
 def _name_of(path: str | os.PathLike[str]) -> str:
