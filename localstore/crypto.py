@@ -109,10 +109,16 @@ def decrypt(cipher: AESGCM, stored: bytes, aad: bytes) -> bytes:
         raise DecryptFailed() from None
 
 
-def aad_for(store_id: str, collection: str, field: str, key: object) -> bytes:
+def aad_prefix(store_id: str, collection: str, field: str) -> bytes:
+    """The part of the associated data shared by every value of one field of one store."""
+    return f"ls1\x00{store_id}\x00{collection}\x00{field}\x00".encode()
+
+
+def aad_for(prefix: bytes, key: object) -> bytes:
     """The associated data binding a value to (store id, collection, field, row key)."""
-    kind = "i" if isinstance(key, int) else "s"
-    return f"ls1\x00{store_id}\x00{collection}\x00{field}\x00{kind}{key}".encode("utf-8", "surrogatepass")
+    if type(key) is str:
+        return prefix + b"s" + key.encode("utf-8", "surrogatepass")
+    return prefix + b"i" + str(key).encode()
 
 
 def next_prefix(prefix: bytes) -> bytes | None:

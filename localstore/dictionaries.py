@@ -291,7 +291,7 @@ class FieldCompressor:
         if current is not None:
             measured = self._raw / self._packed if self._packed else None
             dropped = measured is not None and self._raw >= DEFAULT_CHECK_BYTES and measured < DEFAULT_RETRAIN_SHARE * current[2]
-            grow = current[1] < DEFAULT_DICT_BYTES * 0.9 and self._since_dict >= 200 * current[1]
+            grow = current[1] < DEFAULT_DICT_BYTES * 0.9 and self._since_dict >= 400 * current[1]
             self._raw = self._packed = 0
             if not (dropped or grow):
                 return

@@ -358,7 +358,11 @@ class KeyRing:
 
     def data_key(self) -> tuple[int, AESGCM]:
         """The data key for the next value (inside a write transaction); rotates at the message cap."""
-        if self._used >= self._reserved or self._reserve_tx is not self.store._tx or not self._still_there(self._current or 0):
+        if (
+            self._used >= self._reserved
+            or self._reserve_tx is not self.store._tx
+            or (self._current in self._created and not self._still_there(self._current or 0))
+        ):
             self._reserve()
         self._used += 1
         assert self._current is not None

@@ -333,9 +333,10 @@ def test_no_key_material_in_error_messages(tmp_path: Path) -> None:
 def test_every_value_gets_a_fresh_nonce(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     with ls.open(path, key=KEY) as store:
-        store.collection("c", key="id", fields={"id": ls.Integer(), "x": ls.Text(encrypt=True)}).put_many(
-            [{"id": i, "x": "same"} for i in range(500)]
-        )
+        coll = store.collection("c", key="id", fields={"id": ls.Integer(), "x": ls.Text(encrypt=True)})
+        coll.put_many([{"id": i, "x": "same"} for i in range(250)])  # the first batch makes the data key
+        coll.put_many([{"id": i, "x": "same"} for i in range(250, 500)])  # later batches take the fused path
+        assert {r["x"] for r in coll.find()} == {"same"}
     conn = apsw.Connection(str(path))
     stored = [r[0] for r in conn.execute("SELECT x FROM c")]
     conn.close()
