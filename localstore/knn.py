@@ -109,6 +109,7 @@ class VectorCache:
         self.dead = 0
         self.slot: dict[int, int] = {}
         self.spec: Any = None
+        self.center = np.zeros(dim, dtype=np.float32)
 
     # -- building and patching --------------------------------------------------------------
 
@@ -120,6 +121,9 @@ class VectorCache:
             return np.asarray(vectors / norms, dtype=vectors.dtype)
         if self.metric == "fisher_rao":
             return np.asarray(np.sqrt(np.maximum(vectors, 0)), dtype=vectors.dtype)
+        if self.metric == "l2":
+            # Centring keeps ||m||² - 2q·m free of cancellation when all vectors share an offset.
+            return np.asarray(vectors - self.center.astype(vectors.dtype), dtype=vectors.dtype)
         return vectors
 
     def load(self, rowids: Sequence[int], blobs: Sequence[bytes], filter_rows: Sequence[Sequence[Any]] = ()) -> None:
@@ -131,6 +135,9 @@ class VectorCache:
         self.alive = np.zeros(0, dtype=bool)
         for column in self.columns.values():
             column.resize(0, 0)
+        if blobs and self.metric == "l2":
+            raw = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), self.dim)
+            self.center = raw.mean(axis=0, dtype=np.float64).astype(np.float32)
         self.apply([(r, b, f) for r, b, f in zip(rowids, blobs, filter_rows or [()] * len(blobs))])
 
     def apply(self, changes: Sequence[tuple[int, bytes | None, Sequence[Any] | None]]) -> None:
@@ -208,7 +215,7 @@ class VectorCache:
             dots = self._prepare(queries) @ m.T
             return np.asarray(1.0 - dots)  # same order as the metric; exact values come from rescoring
         if self.metric == "l2":
-            return np.asarray(np.einsum("ij,ij->i", m, m)[None, :] - 2.0 * (queries @ m.T))
+            return np.asarray(np.einsum("ij,ij->i", m, m)[None, :] - 2.0 * (self._prepare(queries) @ m.T))
         out = np.empty((len(queries), self.size), dtype=np.float32)
         for start in range(0, self.size, DEFAULT_L1_CHUNK):
             block = m[start : start + DEFAULT_L1_CHUNK]
@@ -221,8 +228,10 @@ class VectorCache:
             norms = np.linalg.norm(rows, axis=1) * np.linalg.norm(query)
             return np.asarray(1.0 - (rows @ query) / np.where(norms > 0, norms, 1.0))
         if self.metric == "fisher_rao":
-            # rows and query hold sqrt(p), so rows @ query is the Bhattacharyya coefficient.
-            return np.asarray(2.0 * np.arccos(np.clip(rows @ query, -1.0, 1.0)))
+            # rows and query hold sqrt(p). 2·arccos(Σ√p√q) equals 4·arcsin(|√p - √q| / 2) for
+            # unit vectors; the chord form keeps its precision near 0, where arccos loses it.
+            chord = np.sqrt(np.einsum("ij,ij->i", rows - query, rows - query))
+            return np.asarray(4.0 * np.arcsin(np.clip(chord / 2.0, 0.0, 1.0)))
         diff = rows - query
         if self.metric == "l2":
             return np.asarray(np.sqrt(np.einsum("ij,ij->i", diff, diff)))

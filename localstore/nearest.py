@@ -63,9 +63,11 @@ def _queries(spec: Vector, vector: Any) -> tuple[np.ndarray, bool]:
     return np.stack(rows).astype(np.float32), batch
 
 
-def _check_k(k: Any) -> int:
+def _check_k(k: Any, where: str) -> int:
+    if isinstance(k, np.integer):
+        k = int(k)
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
-        raise QueryError(f"k must be an int between 1 and {MAX_K}, got {k!r}")
+        raise QueryError(f"{where}: k must be an int between 1 and {MAX_K}, got {k!r}")
     return k
 
 
@@ -107,9 +109,9 @@ def nearest(
 ) -> list[Hit] | list[list[Hit]]:
     """The ``k`` rows whose ``field`` is nearest ``vector`` (a list of lists for a 2-D batch)."""
     spec = _vector_field(coll, field)
-    k = _check_k(k)
+    k = _check_k(k, f"{coll.name}.{field}")
     if engine not in ENGINES:
-        raise QueryError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        raise QueryError(f"{coll.name}.{field}: engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     queries, batch = _queries(spec, vector)
     store = coll.store
     with store._lock, boundary(store.path, f"searching {coll.name}.{field}"):
@@ -135,19 +137,22 @@ def nearest(
 
 
 def _vec0_exact(coll: Collection, spec: Vector, index: Any, query: np.ndarray, k: int, where: Any) -> list[tuple[int, float]]:
-    """KNN through sqlite-vec; quantized indexes are rescored with the float vectors from the rows."""
-    found = index.knn(coll.store._db, query, k, where)
-    if spec.metric == "fisher_rao":
-        found = [(r, 2.0 * float(np.arcsin(min(1.0, np.sqrt(max(d, 0.0) / 2.0))) * 2.0)) for r, d in found]
-    if not spec.quantize:
-        return sorted(found, key=lambda rd: (rd[1], rd[0]))[:k]
-    from .knn import VectorCache
+    """KNN through sqlite-vec, then exact float64 rescoring with the vectors kept in the rows.
 
-    rowids = [r for r, _ in found]
+    vec0 ranks in float32 (or on quantized codes), so it fetches a margin of extra
+    candidates; rescoring restores exact order and distances.
+    """
+    from .knn import VectorCache
+    from .vectors import DEFAULT_OVERSAMPLE
+
+    fetch = min(MAX_K, k * DEFAULT_OVERSAMPLE[spec.quantize] + 16)
+    rowids = index.knn(coll.store._db, query, fetch, where)
+    if not rowids:
+        return []
     sql = f"SELECT rowid, {quote(spec.name)} FROM {coll.schema.table} WHERE rowid IN (SELECT value FROM json_each(?))"
     stored = dict(coll.store._db.execute(sql, (json.dumps(rowids),)))
-    scratch = VectorCache(spec.metric, spec.dim)
     ids = [r for r in rowids if stored.get(r) is not None]
+    scratch = VectorCache(spec.metric, spec.dim)
     scratch.load(ids, [stored[r] for r in ids])
     return scratch.search(query[None, :], k)[0]
 
@@ -162,10 +167,10 @@ def search(
     rrf_k: int = DEFAULT_RRF_K,
 ) -> list[SearchHit]:
     """Hybrid search: BM25 over the fulltext fields fused with vector nearness by reciprocal rank fusion."""
-    k = _check_k(k)
+    k = _check_k(k, coll.name)
     if text is None and vector is None:
         raise QueryError(f"{coll.name}: search() needs text=, vector=, or both")
-    depth = max(k * DEFAULT_FUSION_DEPTH, DEFAULT_FUSION_MIN)
+    depth = min(MAX_K, max(k * DEFAULT_FUSION_DEPTH, DEFAULT_FUSION_MIN))
     rankings: list[list[int]] = []
     store = coll.store
     if text is not None:

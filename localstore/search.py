@@ -4,7 +4,8 @@ A collection whose Text fields include ``fulltext=True`` gets one FTS5 table
 holding those fields, keyed by the row's rowid and kept in step with the rows
 in the same transaction. ``Collection.search`` fuses the BM25 ranking with the
 vector ranking: each candidate scores the sum of ``1 / (RRF_K + rank)`` over
-the rankings it appears in, ties broken by key, so the order is deterministic.
+the rankings it appears in; equal scores go to the better single rank, then the
+lower rowid (the older row for Text keys), so the order is deterministic.
 """
 
 from __future__ import annotations
