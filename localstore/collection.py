@@ -203,7 +203,7 @@ class Collection:
 
     def _decode(self, stored: Sequence[Any]) -> dict[str, Any]:
         if self._codec is not None:
-            return self._codec.decode_row(stored)  # type: ignore[no-any-return]
+            return self._codec.decode_row(stored)
         return {
             name: (value if decode is None or value is None else decode(value))
             for (name, decode), value in zip(self._decoders, stored)
@@ -215,7 +215,7 @@ class Collection:
             payload = msgpack.unpackb(payload, raw=False)
         assert isinstance(payload, dict)
         if self._codec is not None:
-            return self._codec.decode_payload(payload)  # type: ignore[no-any-return]
+            return self._codec.decode_payload(payload)
         return {
             name: (payload.get(name) if decode is None or payload.get(name) is None else decode(payload[name]))
             for name, decode in self._decoders

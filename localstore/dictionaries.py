@@ -199,7 +199,7 @@ class Dictionaries:
         if dict_id > LAST_DICT_ID:
             return None
         try:
-            trained = zstd.train_dictionary(size, train, dict_id=dict_id, level=DEFAULT_LEVEL)
+            trained = zstd.train_dictionary(size, list[Any](train), dict_id=dict_id, level=DEFAULT_LEVEL)
         except zstd.ZstdError:
             return None  # too few or too uniform samples; try again with more data
         comp = _compressor(trained)

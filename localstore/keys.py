@@ -519,7 +519,7 @@ class KeyRing:
         if not table_exists(db, "_ls_keys"):
             self._kek = new
             return 0
-        rows = db.execute("SELECT id, wrapped FROM _ls_keys WHERE state = 'live'").fetchall()
+        rows: list[Any] = db.execute("SELECT id, wrapped FROM _ls_keys WHERE state = 'live'").fetchall()
         db.execute("PRAGMA secure_delete=ON")
         for key_id, wrapped in rows:
             try:
