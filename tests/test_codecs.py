@@ -200,3 +200,30 @@ def test_compressed_fields_refuse_where_and_order_by(tmp_path: Path) -> None:
             memories.find(order_by="text")
         change = store.changelog.changes()[0]
         assert memories.decode_payload(change.payload) == _memories(1)[0]  # type: ignore[arg-type]
+
+
+def test_dictionary_table_layout_is_stable(tmp_path: Path) -> None:
+    """The sync engine reads ``_ls_dicts`` directly; its columns are a contract (docs/privacy.md)."""
+    path = tmp_path / "s.db"
+    rows = _memories(3000)
+    with ls.open(path) as store:
+        memories = _declare(store)
+        for start in range(0, 3000, 500):
+            memories.put_many(rows[start : start + 500])
+    conn = apsw.Connection(str(path))
+    columns = [r[1] for r in conn.execute("PRAGMA table_info(_ls_dicts)")]
+    blob, dict_id = conn.execute("SELECT dict, id FROM _ls_dicts LIMIT 1").fetchone()
+    conn.close()
+    assert columns == ["id", "coll", "field", "created_hlc", "size", "samples", "sample_bytes", "ratio", "level", "dict"]
+    import zstandard
+
+    assert zstandard.ZstdCompressionDict(blob).dict_id() == dict_id
+
+
+def test_bad_text_in_a_compressed_field_writes_nothing(tmp_path: Path) -> None:
+    with ls.open(tmp_path / "s.db", key=KEY) as store:
+        for options in ({"compress": True}, {"encrypt": True, "compress": True}):
+            coll = store.collection(f"c{len(options)}", key="id", fields={"id": ls.Text(), "t": ls.Text(**options)})
+            with pytest.raises(ls.ValidationError, match="surrogate"):
+                coll.put_many([{"id": "ok", "t": "fine"}, {"id": "bad", "t": "a\ud800b"}])
+            assert coll.count() == 0

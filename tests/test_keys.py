@@ -237,3 +237,23 @@ def test_forgotten_sentinel(tmp_path: Path) -> None:
     assert not ls.FORGOTTEN and repr(ls.FORGOTTEN) == "localstore.FORGOTTEN"
     assert ls.Forgotten() is ls.FORGOTTEN and pickle.loads(pickle.dumps(ls.FORGOTTEN)) is ls.FORGOTTEN
     assert ls.FORGOTTEN != "" and ls.FORGOTTEN != None  # noqa: E711
+
+
+def test_two_connections_writing_encrypted_rows_share_keys_safely(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    one, two = ls.open(path, key=KEY, max_messages_per_key=4096), ls.open(path, key=KEY, max_messages_per_key=4096)
+    try:
+        a, b = _notes(one), _notes(two)
+        for round_no in range(6):
+            a.put_many([{**r, "id": f"a{round_no}-{r['id']}"} for r in _rows(900)])
+            b.put_many([{**r, "id": f"b{round_no}-{r['id']}"} for r in _rows(900)])
+    finally:
+        one.close()
+        two.close()
+    with ls.open(path, key=KEY) as store:
+        found = store.collection("notes").find()
+        assert len(found) == 2 * 6 * 900
+        assert {r["title"] for r in found} == {f"title {i}" for i in range(900)}
+    rows = _key_rows(path)
+    assert sum(r[4] for r in rows if r[1] == "data") >= 2 * 6 * 900  # reserved blocks cover every value
+    assert len([r for r in rows if r[1] == "subject"]) == 3  # one key per subject, whoever wrote first
