@@ -14,7 +14,7 @@ Dictionaries live in ``_ls_dicts`` (layout below), are never updated or deleted
 after retraining, in any process, and in backups. No dictionary is trained on an
 encrypted field: a dictionary holds sample bytes in the clear.
 
-    _ls_dicts(id INTEGER PRIMARY KEY,  -- zstd dictionary id: 32768 .. 2^31-1, outside zstd's reserved ranges
+    _ls_dicts(id INTEGER PRIMARY KEY,  -- zstd dictionary id, random in 32768 .. 2^31-1 (outside zstd's reserved ranges)
               coll TEXT, field TEXT,   -- the (collection, field) it was trained on
               created_hlc INTEGER,     -- when (hybrid logical clock of the store)
               size INTEGER,            -- bytes of the dictionary
@@ -26,6 +26,7 @@ encrypted field: a dictionary holds sample bytes in the clear.
 
 from __future__ import annotations
 
+import secrets
 import struct
 import threading
 from typing import TYPE_CHECKING, Any
@@ -76,7 +77,7 @@ CREATE TABLE IF NOT EXISTS _ls_dicts(
     level INTEGER NOT NULL,
     dict BLOB NOT NULL
 ) STRICT;
-CREATE INDEX IF NOT EXISTS _ls_dicts_field ON _ls_dicts(coll, field, id);
+CREATE INDEX IF NOT EXISTS _ls_dicts_field ON _ls_dicts(coll, field, created_hlc);
 CREATE TRIGGER IF NOT EXISTS _ls_dicts_no_update BEFORE UPDATE ON _ls_dicts
 BEGIN SELECT RAISE(ABORT, 'localstore dictionaries are immutable'); END;
 CREATE TRIGGER IF NOT EXISTS _ls_dicts_no_delete BEFORE DELETE ON _ls_dicts
@@ -115,7 +116,7 @@ class Dictionaries:
         if not self._table():
             return None
         row = self.store._db.execute(
-            "SELECT id, size, ratio FROM _ls_dicts WHERE coll = ? AND field = ? ORDER BY id DESC LIMIT 1", (coll, field)
+            "SELECT id, size, ratio FROM _ls_dicts WHERE coll = ? AND field = ? ORDER BY created_hlc DESC, id DESC LIMIT 1", (coll, field)
         ).fetchone()
         return None if row is None else (int(row[0]), int(row[1]), float(row[2]))
 
@@ -194,10 +195,12 @@ class Dictionaries:
         size = max(DEFAULT_MIN_DICT_BYTES, min(DEFAULT_DICT_BYTES, total // 100))
         db = self.store._db
         db.execute(DICTS_DDL)
-        top = db.execute("SELECT max(id) FROM _ls_dicts").fetchone()
-        dict_id = max(FIRST_DICT_ID, int(top[0]) + 1 if top and top[0] is not None else FIRST_DICT_ID)
-        if dict_id > LAST_DICT_ID:
-            return None
+        # Random ids: unique in this store, and unlikely to meet another store's when rows and
+        # dictionaries of several stores end up side by side (a replica, a central copy).
+        while True:
+            dict_id = FIRST_DICT_ID + secrets.randbelow(LAST_DICT_ID - FIRST_DICT_ID + 1)
+            if db.execute("SELECT 1 FROM _ls_dicts WHERE id = ?", (dict_id,)).fetchone() is None:
+                break
         try:
             trained = zstd.train_dictionary(size, list[Any](train), dict_id=dict_id, level=DEFAULT_LEVEL)
         except zstd.ZstdError:
