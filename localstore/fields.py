@@ -42,7 +42,11 @@ class Field:
       index: keep a SQLite index on the column for fast ``find``.
       nullable: whether None (or a missing value) is allowed; default True.
       default: the value used when a row leaves the field out (JSON-representable).
-      encrypt, compress, filter, fulltext: declared here, implemented by later issues.
+      encrypt: AES-256-GCM per value (not on Vector); see docs/privacy.md.
+      compress: zstd per value, trained dictionaries for unencrypted Text/Json/Blob.
+      subject: with encrypt, the field naming whose key encrypts the value (``store.forget``).
+      blind_index: with encrypt, equality lookups through a keyed HMAC tag.
+      filter, fulltext: see the vector and full-text search options.
     """
 
     type_name: ClassVar[str] = "Field"

@@ -451,7 +451,10 @@ class KeyRing:
         try:
             secret = crypto.unwrap(kek, wrapped, self._context(key_id))
         except crypto.DecryptFailed:
-            raise LookupError(f"key {key_id} does not unwrap with the master key given (the key table was altered)") from None
+            raise LookupError(
+                f"key {key_id} does not unwrap with the master key this store was opened with: another connection "
+                "rotated the master key (reopen with the new one), or the key table was altered"
+            ) from None
         self._secrets[key_id] = secret
         self._ciphers[key_id] = cipher = AESGCM(secret)
         return cipher

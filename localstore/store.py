@@ -486,6 +486,7 @@ class Store:
         from .keys import _parse_key, checkpoint_truncate
 
         new = _parse_key(new_master, "new_master")
+        self._outside_transaction("rotate_key")
         with self.transaction():
             count = self._keys.rewrap(new)
         self._keys.commit_rewrap()
@@ -502,6 +503,7 @@ class Store:
         """
         from .codecs import reencrypt
 
+        self._outside_transaction("reencrypt")
         return reencrypt(self, batch)
 
     def forget(self, subject: str | int) -> bool:
@@ -517,12 +519,22 @@ class Store:
 
         if isinstance(subject, bool) or not isinstance(subject, (str, int)):
             raise ValidationError(f"store {self.path}: forget takes a subject id (str or int), got {type(subject).__name__}")
+        self._outside_transaction("forget")
         with self.transaction():
             count = self._keys.forget(subject)
         with self._lock, boundary(self.path, "checkpointing after forget"):
             self._db.execute("PRAGMA secure_delete=OFF")
             checkpoint_truncate(self)
         return count > 0
+
+    def _outside_transaction(self, what: str) -> None:
+        with self._lock:  # under the lock, an open transaction can only be this thread's own
+            in_transaction = self._depth > 0
+        if in_transaction:
+            raise LocalStoreError(
+                f"store {self.path}: {what}() cannot run inside a transaction (a rollback would leave keys "
+                "cached that the file no longer has); call it after the block"
+            )
 
 
 def _open_keys_from(source: Any, store: Store, master: bytes | None) -> Store | None:

@@ -257,3 +257,14 @@ def test_two_connections_writing_encrypted_rows_share_keys_safely(tmp_path: Path
     rows = _key_rows(path)
     assert sum(r[4] for r in rows if r[1] == "data") >= 2 * 6 * 900  # reserved blocks cover every value
     assert len([r for r in rows if r[1] == "subject"]) == 3  # one key per subject, whoever wrote first
+
+
+def test_key_management_refuses_to_run_inside_a_transaction(tmp_path: Path) -> None:
+    with ls.open(tmp_path / "s.db", key=KEY) as store:
+        notes = _notes(store)
+        notes.put(_rows(1)[0])
+        for call in (lambda: store.forget("p0"), lambda: store.rotate_key(ls.generate_key()), store.reencrypt):
+            with store.transaction():
+                with pytest.raises(ls.LocalStoreError, match="inside a transaction"):
+                    call()
+        assert notes.get("n0") == _rows(1)[0]
