@@ -227,3 +227,34 @@ def test_bad_text_in_a_compressed_field_writes_nothing(tmp_path: Path) -> None:
             with pytest.raises(ls.ValidationError, match="surrogate"):
                 coll.put_many([{"id": "ok", "t": "fine"}, {"id": "bad", "t": "a\ud800b"}])
             assert coll.count() == 0
+
+
+def test_threads_decode_dictionary_and_encrypted_values_together(tmp_path: Path) -> None:
+    import threading
+
+    path = tmp_path / "s.db"
+    rows = _memories(3000)
+    with ls.open(path, key=KEY) as store:
+        memories = _declare(store)
+        secret = store.collection("secret", key="id", fields={"id": ls.Text(), "text": ls.Text(encrypt=True, compress=True)})
+        for start in range(0, 3000, 500):
+            memories.put_many(rows[start : start + 500])
+            secret.put_many([{"id": r["id"], "text": r["text"]} for r in rows[start : start + 500]])
+        assert _dicts(path)
+        errors: list[BaseException] = []
+
+        def read(offset: int) -> None:
+            try:
+                for i in range(offset, 3000, 7):
+                    key = rows[i]["id"]
+                    assert memories.get(key) == rows[i]
+                    assert secret.get(key) == {"id": key, "text": rows[i]["text"]}
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=read, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []

@@ -268,3 +268,35 @@ def test_key_management_refuses_to_run_inside_a_transaction(tmp_path: Path) -> N
                 with pytest.raises(ls.LocalStoreError, match="inside a transaction"):
                     call()
         assert notes.get("n0") == _rows(1)[0]
+
+
+def test_integer_subjects_and_integer_blind_index(tmp_path: Path) -> None:
+    with ls.open(tmp_path / "s.db", key=KEY) as store:
+        coll = store.collection("scores", key="id", fields={
+            "id": ls.Text(), "user": ls.Integer(),
+            "score": ls.Integer(encrypt=True, blind_index=True, subject="user"),
+            "ratio": ls.Real(encrypt=True, subject="user"),
+        })
+        coll.put_many([{"id": f"r{i}", "user": i % 4, "score": i % 5, "ratio": i / 7} for i in range(40)])
+        assert sorted(r["id"] for r in coll.find(where={"score": 3})) == sorted(f"r{i}" for i in range(40) if i % 5 == 3)
+        assert store.forget("2") is False  # subjects are typed: the Integer 2 is not the text "2"
+        assert store.forget(2) is True
+        rows = {r["id"]: r for r in coll.find()}
+        assert all((rows[f"r{i}"]["score"] is ls.FORGOTTEN) == (i % 4 == 2) for i in range(40))
+        assert sorted(r["id"] for r in coll.find(where={"score": 3})) == sorted(
+            f"r{i}" for i in range(40) if i % 5 == 3 and i % 4 != 2
+        )
+        with pytest.raises(ls.ValidationError, match="subject id"):
+            store.forget(None)  # type: ignore[arg-type]
+        with pytest.raises(ls.ValidationError, match="'user'"):
+            coll.put({"id": "x", "score": 1})
+
+
+def test_keys_from_must_be_the_same_store(tmp_path: Path) -> None:
+    with ls.open(tmp_path / "a.db", key=KEY) as a, ls.open(tmp_path / "b.db", key=KEY) as b:
+        _notes(a).put(_rows(1)[0])
+        a.backup(tmp_path / "a-copy.db")
+        with pytest.raises(ls.StoreOpenError, match="copy of store"):
+            ls.open(tmp_path / "a-copy.db", key=KEY, keys_from=b)
+        with ls.open(tmp_path / "a-copy.db", key=KEY, keys_from=tmp_path / "a.db") as copy:
+            assert copy.collection("notes").get("n0") == _rows(1)[0]
