@@ -380,6 +380,7 @@ class RowCodec:
 
     def decode_payload(self, payload: dict[str, Any]) -> dict[str, Any]:
         """Decode a change-log payload (stored values by field name)."""
+        self.begin_read()
         key = payload.get(self.key)
         out: dict[str, Any] = {}
         for name, codec, dec in self.plan:

@@ -223,7 +223,10 @@ def test_forget_seen_by_another_open_store(tmp_path: Path) -> None:
         other = two.collection("notes")
         assert other.get("n1")["body"].startswith("private")  # type: ignore[index]  (key now cached in `two`)
         assert len(other.find(where={"email": "p1@example.org"})) == 2
+        logged = two.changelog.changes()
+        assert other.decode_payload(logged[1].payload)["body"].startswith("private")  # type: ignore[arg-type]
         one.forget("p1")
+        assert other.decode_payload(logged[1].payload)["body"] is ls.FORGOTTEN  # type: ignore[arg-type]
         assert other.get("n1")["body"] is ls.FORGOTTEN  # type: ignore[index]
         assert other.find(where={"email": "p1@example.org"}) == []
         other.put({**_rows(6)[1], "id": "fresh"})  # `two` must not write with the destroyed key
