@@ -8,10 +8,13 @@
   (HLC, store id), not logged as local changes, and marked with their origin.
 
 Rows are written as stored (encoded, encrypted, compressed), never re-encoded.
-Pulled rows carry ``_ls_seq = 0``, which no local change has: the change log does
-not ship them back. Their origin (store id and HLC) lives in ``_ls_origin``; an
-entry is current only while the row still carries that HLC and ``_ls_seq = 0``,
-so a later local write makes the row local again without touching this table.
+A pulled row gets no change record, so it never ships back: a new key carries
+``_ls_seq = 0`` (below any change), an overwritten local row keeps its ``_ls_seq``
+(the UPDATE trigger first copies the old values into that change record, so the
+record still describes the local write). The origin (store id and HLC) lives in
+``_ls_origin``; an entry is current only while the row still carries that HLC (a
+local write always gets a later one), so a later local write makes the row local
+again without touching this table.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from .errors import StoreOpenError
 from .fields import Field
 from .store import Store
 
-#: The ``_ls_seq`` of a row written by another store and pulled here.
+#: The ``_ls_seq`` of a row pulled from another store for a key with no local row.
 PULLED_SEQ = 0
 
 REPLICA_DDL = """
@@ -278,7 +281,7 @@ def apply_remote(store: Store, collection: str, rows: Iterable[RemoteRow], curso
     # An upsert, not INSERT OR REPLACE: it fires the UPDATE trigger that keeps an
     # unshipped local change record's payload before the row is overwritten.
     updates = ", ".join(f"{quote(n)}=excluded.{quote(n)}" for n in order[1:])
-    upsert = (f"INSERT INTO {table}({cols}, _ls_seq, _ls_hlc) VALUES({marks}, {PULLED_SEQ}, ?) "
+    upsert = (f"INSERT INTO {table}({cols}, _ls_seq, _ls_hlc) VALUES({marks}, ?, ?) "
               f"ON CONFLICT({kcol}) DO UPDATE SET {updates + ', ' if updates else ''}"
               "_ls_seq=excluded._ls_seq, _ls_hlc=excluded._ls_hlc")
     applied = 0
@@ -294,11 +297,10 @@ def apply_remote(store: Store, collection: str, rows: Iterable[RemoteRow], curso
             found = db.execute(f"SELECT _ls_seq, _ls_hlc FROM {table} WHERE {kcol} = ?", (key,)).fetchone()
             if found is not None:
                 local = (found[1], store.id)
-                if found[0] == PULLED_SEQ:
-                    origin = db.execute("SELECT store_id, hlc FROM _ls_origin WHERE coll = ? AND key = ?",
-                                        (sch.id, key)).fetchone()
-                    if origin is not None and origin[1] == found[1]:
-                        local = (origin[1], origin[0])
+                origin = db.execute("SELECT store_id, hlc FROM _ls_origin WHERE coll = ? AND key = ?",
+                                    (sch.id, key)).fetchone()
+                if origin is not None and origin[1] == found[1]:
+                    local = (origin[1], origin[0])
                 if (row.hlc, row.store_id) <= local:
                     continue
             elif row.values is None:
@@ -316,7 +318,8 @@ def apply_remote(store: Store, collection: str, rows: Iterable[RemoteRow], curso
             else:
                 values = dict(row.values)
                 values[sch.key] = key
-                db.execute(upsert, (*[values.get(n) for n in order], row.hlc))
+                keep_seq = found[0] if found is not None and found[0] else PULLED_SEQ
+                db.execute(upsert, (*[values.get(n) for n in order], keep_seq, row.hlc))
             db.execute("INSERT OR REPLACE INTO _ls_origin(coll, key, store_id, hlc) VALUES(?, ?, ?, ?)",
                        (sch.id, key, row.store_id, row.hlc))
             applied += 1
@@ -345,7 +348,7 @@ def origin(store: Store, collection: str, key: Any) -> str | None:
             return None
         row = db.execute(
             f"SELECT o.store_id FROM {sch.table} t JOIN _ls_origin o ON o.coll = ? AND o.key = t.{quote(sch.key)} "
-            f"WHERE t.{quote(sch.key)} = ? AND t._ls_seq = {PULLED_SEQ} AND o.hlc = t._ls_hlc",
+            f"WHERE t.{quote(sch.key)} = ? AND o.hlc = t._ls_hlc",
             (sch.id, checked),
         ).fetchone()
         return None if row is None else str(row[0])

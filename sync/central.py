@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import socket
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,10 @@ STATE_COLUMNS = ("_ls_store", "_ls_key", "_ls_seq", "_ls_hlc", "_ls_deleted")
 _vector_warned = False
 
 
+class _NoVector(Exception):
+    """Internal: pgvector was turned off by the caller."""
+
+
 def state_table_name(collection: str) -> str:
     """The current-state table of a collection: ``c_<name lowercased>``, hashed when too long for Postgres."""
     base = "c_" + collection.lower()
@@ -63,6 +68,7 @@ class CollectionPlan:
     key: str
     fields: list[str]
     converters: list[mapping.Converter]
+    column_types: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -94,8 +100,10 @@ class Central:
         hnsw: bool = False,
         connect_timeout: int = DEFAULT_CONNECT_TIMEOUT_S,
         partitions: int = DEFAULT_PARTITIONS,
+        pgvector: bool = True,
     ) -> None:
         self.url = url
+        self.pgvector = pgvector
         self.schema = schema
         self.hnsw = hnsw
         self.connect_timeout = connect_timeout
@@ -236,10 +244,12 @@ class Central:
             "PRIMARY KEY (store_id, name))").format(q("store_tables")))
         vector_type = "real[]"
         try:
+            if not self.pgvector:
+                raise _NoVector("disabled with pgvector=False")
             with c.transaction():
                 c.execute("CREATE EXTENSION IF NOT EXISTS vector")
             vector_type = "vector"
-        except psycopg.Error as exc:
+        except (psycopg.Error, _NoVector) as exc:
             if not _vector_warned:
                 _vector_warned = True
                 log.warning(
@@ -331,7 +341,7 @@ class Central:
             self._columns.pop(table, None)
             columns = self._state_columns(table)
             assert columns is not None
-        fields, converters = [], []
+        fields, converters, types = [], [], []
         for fname, fspec in spec["fields"].items():
             have = columns.get(fname)
             if have is None or not mapping.compatible(fspec, have, self.have_vector):
@@ -341,7 +351,8 @@ class Central:
                 continue
             fields.append(fname)
             converters.append(mapping.converter(fspec, have))
-        return CollectionPlan(spec["name"], table, spec["key"], fields, converters)
+            types.append(have)
+        return CollectionPlan(spec["name"], table, spec["key"], fields, converters, types)
 
     def _state_columns(self, table: str) -> dict[str, str] | None:
         cached = self._columns.get(table)
@@ -368,9 +379,11 @@ class Central:
         c.execute(sql.SQL(
             "CREATE TABLE IF NOT EXISTS {} (_ls_store uuid NOT NULL, _ls_key text NOT NULL, _ls_seq bigint NOT NULL, "
             "_ls_hlc bigint NOT NULL, _ls_deleted boolean NOT NULL DEFAULT false, "
-            "_ls_xid xid8 NOT NULL DEFAULT pg_current_xact_id(), _ls_synced_at timestamptz NOT NULL DEFAULT now(), "
+            "_ls_xid bigint NOT NULL DEFAULT pg_current_xact_id()::text::bigint, _ls_synced_at timestamptz NOT NULL DEFAULT now(), "
             "PRIMARY KEY (_ls_store, _ls_key))").format(t))
-        c.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (_ls_xid)").format(
+        # BRIN: rows arrive in transaction order, so a block range index finds recent ones for pull
+        # at a fraction of a btree's cost per inserted row.
+        c.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} USING brin (_ls_xid)").format(
             sql.Identifier(f"{table}_xid"[:63]), t))
         for fname, pgtype in wanted.items():
             c.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
@@ -411,11 +424,13 @@ class Central:
                 self._staging.add("_ls_stage_changes")
             with c.cursor() as cur:
                 with cur.copy("COPY _ls_stage_changes (store_id, seq, hlc, collection, key, op, payload) "
-                              "FROM STDIN") as cp:
+                              "FROM STDIN (FORMAT BINARY)") as cp:
+                    cp.set_types(["uuid", "int8", "int8", "text", "text", "text", "bytea"])
                     pack = msgpack.packb
+                    store_uuid = uuid.UUID(store_id)
                     for ch in changes:
                         payload = None if ch.payload is None else pack(ch.payload, use_bin_type=True)
-                        cp.write_row((store_id, ch.seq, ch.hlc, ch.collection, str(ch.key), ch.op, payload))
+                        cp.write_row((store_uuid, ch.seq, ch.hlc, ch.collection, str(ch.key), ch.op, payload))
                 cur.execute(sql.SQL(
                     "INSERT INTO {} (store_id, seq, hlc, collection, key, op, payload) "
                     "SELECT store_id, seq, hlc, collection, key, op, payload FROM _ls_stage_changes "
@@ -438,32 +453,42 @@ class Central:
 
     def _merge_state(self, cur: psycopg.Cursor[Any], plan: CollectionPlan, store_id: str, changes: list[Any]) -> None:
         cols = [*STATE_COLUMNS, *plan.fields]
+        staged = [mapping.STATE_STAGING[c] for c in STATE_COLUMNS] + [
+            mapping.staging(t) for t in plan.column_types]
         # One staging table per (state table, columns) per connection, emptied at each commit.
+        # Types without a plain binary form (jsonb, vector, arrays) are staged as text and cast in the merge.
         name = "_ls_stage_" + hashlib.sha1(f"{plan.table}|{'|'.join(cols)}".encode()).hexdigest()[:16]
         stage = sql.Identifier(name)
         col_ids = sql.SQL(", ").join(sql.Identifier(c) for c in cols)
         if name not in self._staging:
-            cur.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ON COMMIT DELETE ROWS AS SELECT {} FROM {} WITH NO DATA")
-                        .format(stage, col_ids, self._q(plan.table)))
+            cur.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS").format(
+                stage, sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(st.pg_type))
+                                          for c, st in zip(cols, staged))))
             self._staging.add(name)
         fields, convs = plan.fields, plan.converters
-        with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(stage, col_ids)) as cp:
+        store_uuid = uuid.UUID(store_id)
+        nulls = [None] * len(fields)
+        with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(stage, col_ids)) as cp:
+            cp.set_types([st.copy_type for st in staged])
             for ch in changes:
-                head = (store_id, str(ch.key), ch.seq, ch.hlc)
                 payload = ch.payload
                 if payload is None:
-                    cp.write_row((*head, True, *([None] * len(fields))))
+                    cp.write_row((store_uuid, str(ch.key), ch.seq, ch.hlc, True, *nulls))
                 else:
                     get = payload.get
-                    cp.write_row((*head, False, *[conv(get(f)) for f, conv in zip(fields, convs)]))
+                    cp.write_row((store_uuid, str(ch.key), ch.seq, ch.hlc, False,
+                                  *[conv(get(f)) for f, conv in zip(fields, convs)]))
+        select = sql.SQL(", ").join(
+            sql.Identifier(c) if st.cast is None else sql.SQL("{}::{}").format(sql.Identifier(c), sql.SQL(st.cast))
+            for c, st in zip(cols, staged))
         updates = sql.SQL(", ").join(
             sql.SQL("{} = excluded.{}").format(sql.Identifier(c), sql.Identifier(c)) for c in cols[2:])
         target = self._q(plan.table)
         cur.execute(sql.SQL(
             "INSERT INTO {} AS t ({}) SELECT {} FROM {} ON CONFLICT (_ls_store, _ls_key) DO UPDATE SET {}, "
-            "_ls_xid = pg_current_xact_id(), _ls_synced_at = now() "
+            "_ls_xid = pg_current_xact_id()::text::bigint, _ls_synced_at = now() "
             "WHERE (excluded._ls_hlc, excluded._ls_store) > (t._ls_hlc, t._ls_store)").format(
-                target, col_ids, col_ids, stage, updates))
+                target, col_ids, select, stage, updates))
 
 
 MIGRATIONS = {1: Central._migrate_1}

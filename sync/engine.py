@@ -79,6 +79,7 @@ class SyncEngine:
         open_stores: int = DEFAULT_OPEN_STORES,
         backoff_cap: float = DEFAULT_BACKOFF_CAP_S,
         workers: int = DEFAULT_WORKERS,
+        pgvector: bool = True,
     ) -> None:
         self.url = resolve_url(url)
         self.shown_url = redact(self.url)
@@ -97,8 +98,8 @@ class SyncEngine:
         self.folder = os.path.abspath(self.folder)
         if batch_rows < 1 or batch_bytes < 1:
             raise ConfigError("batch_rows and batch_bytes must be positive")
-        self.central = Central(self.url, schema, hnsw=hnsw)
-        self.schema, self.hnsw = schema, hnsw
+        self.central = Central(self.url, schema, hnsw=hnsw, pgvector=pgvector)
+        self.schema, self.hnsw, self.pgvector = schema, hnsw, pgvector
         self.workers = max(1, workers)
         self._local = threading.local()
         self._centrals: list[Central] = []
@@ -274,7 +275,7 @@ class SyncEngine:
     def _worker_central(self) -> Central:
         central: Central | None = getattr(self._local, "central", None)
         if central is None:
-            central = self._local.central = Central(self.url, self.schema, hnsw=self.hnsw)
+            central = self._local.central = Central(self.url, self.schema, hnsw=self.hnsw, pgvector=self.pgvector)
             with self._lock:
                 self._centrals.append(central)
         return central
@@ -387,7 +388,7 @@ class SyncEngine:
     def _once_centrals(self) -> list[Central]:
         with self._lock:
             while len(self._centrals) < self.workers - 1:
-                self._centrals.append(Central(self.url, self.schema, hnsw=self.hnsw))
+                self._centrals.append(Central(self.url, self.schema, hnsw=self.hnsw, pgvector=self.pgvector))
             return [self.central, *self._centrals[: self.workers - 1]]
 
     def close(self) -> None:

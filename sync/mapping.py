@@ -8,6 +8,7 @@ opaque bytes: Postgres gets the ciphertext or compressed bytes and nothing else.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -73,10 +74,10 @@ def _vector_text(value: Any) -> Any:
     return "[" + ",".join(map(repr, floats)) + "]"
 
 
-def _vector_list(value: Any) -> Any:
+def _vector_array(value: Any) -> Any:
     if value is None:
         return None
-    return np.frombuffer(value, dtype="<f4").tolist()
+    return "{" + ",".join(map(repr, np.frombuffer(value, dtype="<f4").tolist())) + "}"
 
 
 def converter(spec: dict[str, Any], column_type: str) -> Converter:
@@ -86,10 +87,42 @@ def converter(spec: dict[str, Any], column_type: str) -> Converter:
     if column_type.startswith("vector("):
         return _vector_text
     if column_type == "real[]":
-        return _vector_list
+        return _vector_array
     if column_type == "boolean":
         return _to_bool
     return _identity
+
+
+@dataclass(frozen=True)
+class Staging:
+    """How a column is staged for binary COPY: the staging column type, psycopg's COPY type, the cast in the merge."""
+
+    pg_type: str
+    copy_type: str
+    cast: str | None = None
+
+
+#: Staging of the system columns of a current-state table.
+STATE_STAGING = {
+    "_ls_store": Staging("uuid", "uuid"),
+    "_ls_key": Staging("text", "text"),
+    "_ls_seq": Staging("bigint", "int8"),
+    "_ls_hlc": Staging("bigint", "int8"),
+    "_ls_deleted": Staging("boolean", "bool"),
+}
+
+_BINARY = {
+    "text": Staging("text", "text"),
+    "bigint": Staging("bigint", "int8"),
+    "double precision": Staging("double precision", "float8"),
+    "boolean": Staging("boolean", "bool"),
+    "bytea": Staging("bytea", "bytea"),
+}
+
+
+def staging(column_type: str) -> Staging:
+    """The staging of a field column: plain types copy in binary, the rest as text cast in the merge."""
+    return _BINARY.get(column_type) or Staging("text", "text", column_type)
 
 
 def compatible(spec: dict[str, Any], existing_type: str, have_vector: bool) -> bool:

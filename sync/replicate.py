@@ -157,8 +157,8 @@ def pull(central: Central, store: Store, collection: str, cursor: str | None = N
         rows = c.execute(sql.SQL(
             "SELECT t._ls_store::text, t._ls_key, t._ls_hlc, t._ls_deleted, ch.payload FROM {} t "
             "LEFT JOIN {} ch ON ch.store_id = t._ls_store AND ch.seq = t._ls_seq "
-            "WHERE t._ls_xid >= %s::xid8 AND t._ls_store <> %s ORDER BY t._ls_hlc").format(table, central._q("changes")),
-            (cursor, store.id)).fetchall()
+            "WHERE t._ls_xid >= %s AND t._ls_store <> %s ORDER BY t._ls_hlc").format(table, central._q("changes")),
+            (int(cursor or 0), store.id)).fetchall()
         out = []
         for sid, key, hlc, deleted, payload in rows:
             values = None if deleted or payload is None else msgpack.unpackb(bytes(payload), raw=False)

@@ -108,6 +108,31 @@ def test_exact_convergence_of_several_stores(tmp_path: Path, pg_url: str, pg_sch
     ws.close()
 
 
+def test_without_pgvector_vectors_are_real_arrays(tmp_path: Path, pg_url: str, pg_schema: str,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    import localstore.sync.central as central_mod
+
+    ws = ls.Workspace(tmp_path / "ws")
+    s = ws.open("a")
+    _write_mixed(s, seed=12, n=40)
+    central_mod._vector_warned = False
+    with caplog.at_level("WARNING", logger="localstore.sync"):
+        engine = _engine(ws, pg_url, pg_schema, pgvector=False)
+        try:
+            engine.sync_now()
+            engine.sync_now()
+        finally:
+            engine.close()
+    warnings = [r for r in caplog.records if "real[]" in r.getMessage()]
+    assert len(warnings) == 1  # said once
+    assert_converged(pg_url, pg_schema, s)  # vectors compared within float tolerance
+    with psycopg.connect(pg_url) as conn:
+        kind = conn.execute("SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attname = 'basin' "
+                            "AND attrelid = (quote_ident(%s) || '.c_kernels')::regclass", (pg_schema,)).fetchone()[0]  # type: ignore[index]
+    assert kind == "real[]"
+    ws.close()
+
+
 def _dump(url: str, schema: str) -> list[object]:
     with psycopg.connect(url) as conn:
         out: list[object] = []
@@ -251,6 +276,7 @@ def test_pull_subscribes_to_other_stores_rows_last_writer_wins(tmp_path: Path, p
         engine.sync_now()
         assert fb.get("f3")["value"] == 33.0 and replica.origin(b, "facts", "f3") == a.id
         assert fb.get("f6") is None
+        assert b.verify().ok, b.verify().problems
         # Pulled rows are not b's changes: they never ship back under b's id.
         assert {k for k, r in central_rows(pg_url, pg_schema, b.id, "facts").items()} == {"f3", "mine"}
         # b writing a pulled key makes the row b's own again.
@@ -258,6 +284,7 @@ def test_pull_subscribes_to_other_stores_rows_last_writer_wins(tmp_path: Path, p
         assert replica.origin(b, "facts", "f5") is None
         engine.sync_now()
         assert central_rows(pg_url, pg_schema, b.id, "facts")["f5"]["value"] == 55.0
+        assert b.verify().ok and a.verify().ok
     finally:
         engine.close()
         ws.close()

@@ -54,10 +54,17 @@ def test_sigkill_of_the_sync_process_never_loses_or_duplicates(
     kills = attempts = 0
     while kills < KILLS:
         attempts += 1
-        assert attempts < 4 * KILLS, f"only {kills} kills landed in {attempts} attempts"
-        _write(rng.choice(stores), rng, 1500, 6000)  # keep a backlog, and write while syncing
+        assert attempts < 3 * KILLS, f"only {kills} kills landed in {attempts} attempts"
+        for s in rng.sample(stores, 2):  # keep a backlog, and write while syncing
+            _write(s, rng, 2500, 6000)
+        before = sum(s.changelog.watermark() for s in stores)
         proc = subprocess.Popen(cmd, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(0.4, 1.6))
+        # Kill at a random point once shipping is under way (mid-batch, between commit and watermark, ...).
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline and \
+                sum(s.changelog.watermark() for s in stores) == before:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.2))
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             kills += 1
