@@ -34,10 +34,10 @@ from typing import Any
 
 import psycopg
 from _harness import Case, Figure, Report, english_text, log, measure
+from localstore.sync import SyncEngine
 from psycopg import sql
 
 import localstore as ls
-from localstore.sync import SyncEngine
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,17 +17,17 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import psycopg
+from localstore.sync import SyncEngine, redact, restore, subscribe
 from psycopg import sql
 
 import localstore as ls
 from localstore import replica
-from localstore.sync import SyncEngine, redact, restore, subscribe
 
 SCHEMA = "localstore_demo"
 

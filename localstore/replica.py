@@ -186,7 +186,8 @@ def create_with_id(path: str | os.PathLike[str], store_id: str, **options: Any) 
 
 def declare_from_spec(store: Store, spec: dict[str, Any]) -> None:
     """Declare a collection from a stored schema spec (as ``collection_specs`` returns)."""
-    fields = {name: Field.from_spec(fspec) for name, fspec in spec["fields"].items()}
+    fields: dict[str, Field | type[Field]] = {
+        str(name): Field.from_spec(fspec) for name, fspec in spec["fields"].items()}
     store.collection(spec["name"], spec["key"], fields, sync=spec["sync"], ttl=spec["ttl"])
 
 
@@ -363,8 +364,8 @@ __all__ = [
     "collection_specs",
     "create_with_id",
     "declare_from_spec",
-    "finish_restore",
     "fingerprint",
+    "finish_restore",
     "internal_tables",
     "load_internal_tables",
     "load_restored",

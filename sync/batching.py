@@ -94,9 +94,9 @@ class Backoff:
 
     def next_delay(self) -> float:
         """Record one more failure and return how long to wait before the next attempt, in seconds."""
-        ceiling = min(self.cap, self.base * (2 ** min(self.failures, 30)))
+        ceiling = min(self.cap, self.base * float(2 ** min(self.failures, 30)))
         self.failures += 1
-        return ceiling * (0.5 + 0.5 * self.rng.random())
+        return float(ceiling * (0.5 + 0.5 * self.rng.random()))
 
     def reset(self) -> None:
         """Forget past failures after a success."""

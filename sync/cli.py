@@ -74,8 +74,9 @@ def cmd_once(args: argparse.Namespace) -> int:
 
 
 def _pending(engine: Any) -> int:
-    from localstore.store import Store
     import os
+
+    from localstore.store import Store
 
     total = 0
     for name in engine.names():

@@ -11,8 +11,8 @@ URL_ENV_VARS = ("LOCALSTORE_POSTGRES_URL", "DATABASE_URL")
 
 REDACTED = "***"
 
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/?#\s]*):(?P<pw>[^@/?#\s]*)@", re.I)
-_KV_PASSWORD = re.compile(r"(?P<k>\bpassword\s*=\s*)(?P<v>'(?:[^'\\]|\\.)*'|[^\s&]+)", re.I)
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/?#\s]*):(?P<pw>[^@/?#\s]*)@", re.IGNORECASE)
+_KV_PASSWORD = re.compile(r"(?P<k>\bpassword\s*=\s*)(?P<v>'(?:[^'\\]|\\.)*'|[^\s&]+)", re.IGNORECASE)
 
 
 def resolve_url(url: str | None = None) -> str:

@@ -60,9 +60,8 @@ def local_rows(store: ls.Store, collection: str) -> dict[str, dict[str, object]]
 def central_rows(url: str, schema: str, store_id: str, collection: str) -> dict[str, dict[str, object]]:
     """The current-state rows of one store's collection in Postgres, by key, with ``_ls_deleted``."""
     import psycopg
-    from psycopg import sql
-
     from localstore.sync import state_table_name
+    from psycopg import sql
 
     with psycopg.connect(url) as conn:
         cur = conn.execute(sql.SQL("SELECT * FROM {} WHERE _ls_store = %s").format(

@@ -9,10 +9,6 @@ import numpy as np
 import psycopg
 import pytest
 from _sync_workers import assert_converged, central_rows
-from psycopg import sql
-
-import localstore as ls
-from localstore import replica
 from localstore.sync import (
     Central,
     CentralSchemaError,
@@ -23,6 +19,10 @@ from localstore.sync import (
     subscribe,
 )
 from localstore.sync.shipper import sync_store
+from psycopg import sql
+
+import localstore as ls
+from localstore import replica
 
 FIELDS = {
     "id": ls.Text(),
@@ -345,7 +345,7 @@ def test_encrypted_and_compressed_fields_ship_as_bytes_and_restore(tmp_path: Pat
     master = os.urandom(32)
     key = base64.b64encode(master).decode()
     rng = random.Random(11)
-    words = "basin kernel drift regime phi geometric observation memory agent plan reflect tensor".split()
+    words = ["basin", "kernel", "drift", "regime", "phi", "geometric", "observation", "memory", "agent", "plan", "reflect", "tensor"]
     ws = ls.Workspace(tmp_path / "ws", key=key)
     s = ws.open("vault")
     coll = s.collection("docs", key="id", fields={
@@ -363,7 +363,7 @@ def test_encrypted_and_compressed_fields_ship_as_bytes_and_restore(tmp_path: Pat
     assert_converged(pg_url, pg_schema, s)  # ciphertext and compressed bytes byte-for-byte
     local_dicts = replica.local_dictionaries(s)
     with psycopg.connect(pg_url) as conn:
-        q = lambda t, col: conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE position(%s IN {}) > 0").format(  # noqa: E731
+        q = lambda t, col: conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE position(%s IN {}) > 0").format(
             sql.Identifier(pg_schema, t), sql.Identifier(col)), (b"TOPSECRET",)).fetchone()[0]  # type: ignore[index]
         assert q("changes", "payload") == 0 and q("c_docs", "secret") == 0 and q("c_docs", "both") == 0
         assert q("store_tables", "rows") == 0

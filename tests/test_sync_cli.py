@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -14,11 +13,11 @@ import psycopg
 import pytest
 from _sync_workers import assert_converged
 from conftest import PYTHON, ROOT
+from localstore.sync import SyncEngine
 from pg_fixture import PgServer
 from psycopg import sql
 
 import localstore as ls
-from localstore.sync import SyncEngine
 
 WORKERS = str(ROOT / "tests" / "_sync_workers.py")
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from _sync_workers import assert_converged
 from conftest import PYTHON
+from localstore.sync import PostgresError, SyncEngine
 from pg_fixture import PgServer
 
 import localstore as ls
-from localstore.sync import PostgresError, SyncEngine
 
 #: How many times the sync process must be killed mid-backlog.
 KILLS = 20

@@ -6,7 +6,6 @@ import random
 from dataclasses import dataclass
 
 import pytest
-
 from localstore.sync import ConfigError, redact, resolve_url
 from localstore.sync.batching import (
     Backoff,
