@@ -21,6 +21,7 @@ import numpy as np
 from . import __version__
 from ._sqlite import translate
 from .errors import LocalStoreError, QueryError
+from .keys import FORGOTTEN
 from .store import Store
 
 EXAMPLES = {
@@ -39,6 +40,8 @@ EXAMPLES = {
 
 
 def _jsonable(value: Any) -> Any:
+    if value is FORGOTTEN:
+        return {"forgotten": True}
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, (bytes, bytearray, memoryview)):

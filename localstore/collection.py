@@ -251,14 +251,18 @@ class Collection:
                     if attempt:
                         raise ValidationError(f"{self.name}: the collection's schema keeps changing; retry") from None
             with boundary(store.path, f"writing to {self.name!r}"):
+                derived = not self._derived.empty
+                # Rows that get a rowid above the current maximum are new: nothing to replace
+                # in their derived indexes.
+                old_max = scalar(store._db, f"SELECT max(rowid) FROM {self._schema.table}") or 0 if derived else 0
                 try:
                     store._db.executemany(self._sql_put_logged if logged else self._sql_put, bindings)
                 except UnicodeEncodeError:
                     self._raise_bad_text(bindings)
                     raise
-                if not self._derived.empty:
+                if derived:
                     rowids = self._rowids_of(bindings)
-                    self._derived.write(store._db, rowids, bindings)
+                    self._derived.write(store._db, rowids, bindings, old_max)
                     fpos = self._filter_positions
                     for name, pos in self._vector_positions.items():
                         store._note_vectors(

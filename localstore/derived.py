@@ -60,10 +60,13 @@ class DerivedIndexes:
             elif old.fulltext.ddl() != self.fulltext.ddl():
                 self.fulltext.rebuild(db)
 
-    def write(self, db: apsw.Connection, rowids: list[int], bindings: list[tuple[Any, ...]]) -> None:
-        """Update every index for rows just written."""
+    def write(self, db: apsw.Connection, rowids: list[int], bindings: list[tuple[Any, ...]], old_max: int) -> None:
+        """Update every index for rows just written; rows with rowid > ``old_max`` were inserted, not replaced."""
+        replaced = [(r,) for r in rowids if r <= old_max]
         for index in self._all():
-            index.write(db, rowids, bindings)
+            if replaced:
+                db.executemany(index.sql_delete, replaced)
+            index.insert(db, rowids, bindings)
 
     def delete(self, db: apsw.Connection, rowids: list[int]) -> None:
         """Remove deleted rows from every index."""

@@ -26,6 +26,7 @@ _PENDING_OPTIONS: tuple[str, ...] = ()
 VECTOR_METRICS = ("cosine", "l2", "l1", "fisher_rao")
 
 _MISSING: Any = object()
+_LE_F32 = np.dtype("<f4")
 
 
 def _describe(value: Any) -> str:
@@ -364,6 +365,11 @@ class Vector(Field):
 
     def as_float32(self, value: Any) -> np.ndarray:
         """Validate a vector and return it as a 1-D float32 array of ``dim`` finite values."""
+        if type(value) is np.ndarray and value.dtype == _LE_F32 and value.shape == (self.dim,):
+            # The common case (a float32 embedding) skips the conversions below.
+            if not np.isfinite(value).all():
+                raise self._fail("finite values (NaN or inf found)", value)
+            return value
         if isinstance(value, (str, bytes)) or value is None:
             raise self._fail(f"a sequence of {self.dim} numbers", value)
         try:

@@ -213,7 +213,7 @@ class VectorCache:
         m = self.matrix[: self.size]
         if self.metric in ("cosine", "fisher_rao"):
             dots = self._prepare(queries) @ m.T
-            return np.asarray(1.0 - dots)  # same order as the metric; exact values come from rescoring
+            return np.negative(dots, out=dots)  # same order as the metric; exact values come from rescoring
         if self.metric == "l2":
             return np.asarray(np.einsum("ij,ij->i", m, m)[None, :] - 2.0 * (self._prepare(queries) @ m.T))
         out = np.empty((len(queries), self.size), dtype=np.float32)
@@ -240,21 +240,30 @@ class VectorCache:
     def search(self, queries: np.ndarray, k: int, mask: np.ndarray | None = None) -> list[list[tuple[int, float]]]:
         """The ``k`` nearest (rowid, distance) per query among ``mask`` (default: all live), nearest first."""
         queries = np.atleast_2d(queries).astype(np.float32, copy=False)
-        if mask is None:
+        if mask is None and self.dead:
             mask = self.alive[: self.size]
-        candidates = np.flatnonzero(mask)
-        if not len(candidates) or k <= 0:
+        allowed = self.size if mask is None else int(np.count_nonzero(mask))
+        if not allowed or k <= 0:
             return [[] for _ in range(len(queries))]
-        whole = len(candidates) == self.size
+        # A selective mask ranks only its slots; a broad one ranks all and pushes the rest to +inf.
+        candidates = np.flatnonzero(mask) if mask is not None and allowed * 2 < self.size else None
         ranking = self.distances(queries)
+        if mask is not None and candidates is None:
+            ranking[:, ~mask] = np.inf
         prepared = self._prepare(queries.astype(np.float64))
+        want = min(k, allowed)
         results: list[list[tuple[int, float]]] = []
         for qi in range(len(queries)):
-            dist = ranking[qi] if whole else ranking[qi, candidates]
-            want = min(k, len(dist))
+            dist = ranking[qi] if candidates is None else ranking[qi, candidates]
+            # Rank in float32, then rescore a margin of candidates in float64 so that rounding
+            # cannot reorder the results or blur the distances returned.
             take = min(len(dist), want * DEFAULT_RESCORE + 16)
             top = np.argpartition(dist, take - 1)[:take] if take < len(dist) else np.arange(len(dist))
-            slots = top if whole else candidates[top]
+            if candidates is None:
+                top = top[np.isfinite(dist[top])]
+                slots = top
+            else:
+                slots = candidates[top]
             exact = self._exact(self.matrix[slots].astype(np.float64), prepared[qi])
             rowids = self.rowids[slots]
             order = np.lexsort((rowids, exact))[:want]

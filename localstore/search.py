@@ -90,9 +90,8 @@ class FullTextIndex:
         )
         return int(db.changes())
 
-    def write(self, db: apsw.Connection, rowids: list[int], bindings: list[tuple[Any, ...]]) -> None:
-        """Replace the entries of rows just written."""
-        db.executemany(self.sql_delete, [(r,) for r in rowids])
+    def insert(self, db: apsw.Connection, rowids: list[int], bindings: list[tuple[Any, ...]]) -> None:
+        """Add entries for rows just written; their old entries are already deleted."""
         pos = self.positions
         inserts = [
             (rowid, *(b[p] for p in pos))

@@ -170,9 +170,8 @@ class VectorIndex:
             *(s if v is None else v for v, s in zip(filters, self.sentinels)),
         )
 
-    def write(self, db: apsw.Connection, rowids: list[int], bindings: list[tuple[Any, ...]]) -> None:
-        """Replace the index entries of rows just written (``bindings`` are the encoded rows)."""
-        db.executemany(self.sql_delete, [(r,) for r in rowids])
+    def insert(self, db: apsw.Connection, rowids: list[int], bindings: list[tuple[Any, ...]]) -> None:
+        """Add index entries for rows just written (``bindings`` are the encoded rows); old ones are gone."""
         pos, fpos = self.vector_pos, self.filter_pos
         inserts = [
             self._binding(rowid, b[pos], [b[p] for p in fpos])

@@ -13,7 +13,6 @@ import pytest
 from conftest import PYTHON
 
 import localstore as ls
-from localstore.fields import _PENDING_OPTIONS
 
 FIELDS: dict[str, ls.Field | type[ls.Field]] = {
     "kernel_id": ls.Text(),
@@ -289,30 +288,6 @@ def test_bad_ttl_is_schema_error(store: ls.Store, ttl: Any) -> None:
 
 
 # -- options not yet supported ----------------------------------------------------------------------
-
-
-PENDING = [pytest.param(o, id=o) for o in _PENDING_OPTIONS] or [
-    pytest.param("none", marks=pytest.mark.skip(reason="every declared option is implemented"))
-]
-
-
-@pytest.mark.parametrize("option", PENDING)
-def test_pending_options_raise_not_yet_supported(store: ls.Store, option: str) -> None:
-    before = _snapshot(store)
-    with pytest.raises(ls.NotYetSupportedError, match=option) as info:
-        store.collection("c", key="k", fields={"k": ls.Text(), "x": ls.Text(**{option: True})})
-    assert isinstance(info.value, NotImplementedError)
-    assert isinstance(info.value, ls.LocalStoreError)
-    assert _snapshot(store) == before
-
-
-@pytest.mark.parametrize("option", PENDING)
-def test_pending_options_on_an_added_field_change_nothing(store: ls.Store, option: str) -> None:
-    _declare(store).put({"kernel_id": "k1"})
-    before = _snapshot(store)
-    with pytest.raises(NotImplementedError):
-        _declare(store, fields={"secret": ls.Blob(**{option: True})})
-    assert _snapshot(store) == before
 
 
 # -- names -------------------------------------------------------------------------------------------
