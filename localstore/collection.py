@@ -265,7 +265,7 @@ class Collection:
                     self._derived.write(store._db, rowids, bindings, old_max)
                     fpos = self._filter_positions
                     for name, pos in self._vector_positions.items():
-                        store._note_vectors(
+                        store._vectors.note(
                             self.name, name, [(r, b[pos], tuple(b[p] for p in fpos)) for r, b in zip(rowids, bindings)]
                         )
 
@@ -306,7 +306,7 @@ class Collection:
             if rowids and not self._derived.empty:
                 self._derived.delete(db, rowids)
                 for name in self._vector_positions:
-                    store._note_vectors(self.name, name, [(r, None, None) for r in rowids])
+                    store._vectors.note(self.name, name, [(r, None, None) for r in rowids])
             if deleted:
                 seq, hlc = store._allocate(len(deleted), self._schema.sync)
                 if self._schema.sync:

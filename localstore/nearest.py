@@ -124,7 +124,7 @@ def nearest(
         # Inside a transaction the cache lacks the uncommitted writes (and must not load
         # them, in case of rollback); sqlite-vec sees them.
         use_cache = engine in ("auto", "cache") and not store._depth
-        cache = store._vector_cache(coll, field) if use_cache else None
+        cache = store._vectors.get(coll, field) if use_cache else None
         if cache is not None:
             mask = cache.where_mask(conditions) if conditions else None
             results = cache.search(queries, k, mask)

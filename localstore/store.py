@@ -22,12 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 import apsw
 import msgpack
-import numpy as np
 
 from . import clock
 from . import schema as schema_mod
 from ._sqlite import (
-    quote,
     DEFAULT_BUSY_TIMEOUT_MS,
     DURABILITY,
     boundary,
@@ -37,6 +35,7 @@ from ._sqlite import (
     scalar,
     translate,
 )
+from .derived import DerivedIndexes
 from .errors import (
     InvalidNameError,
     LocalStoreError,
@@ -45,9 +44,8 @@ from .errors import (
     StoreOpenError,
     UnknownCollectionError,
 )
-from .derived import DerivedIndexes
-from .fields import Field, Vector
-from .knn import VectorCache
+from .fields import Field
+from .vector_caches import VectorCaches
 
 if TYPE_CHECKING:
     from .changelog import ChangeLog
@@ -141,8 +139,7 @@ class Store:
         self._clock_last = 0
         self._changelog: ChangeLog | None = None
         self.vector_cache = bool(vector_cache)
-        self._vector_caches: dict[tuple[str, str], VectorCache] = {}
-        self._data_version: int | None = None
+        self._vectors = VectorCaches(self, self.vector_cache)
         from .dictionaries import Dictionaries
 
         self._dicts = Dictionaries(self)
@@ -298,7 +295,7 @@ class Store:
                                 db.execute("UPDATE _ls_meta SET value = ? WHERE key = 'last_seq'", (tx.last_seq,))
                             retry_busy(lambda: db.execute("COMMIT"), path=self.path)
                         if tx is not None and tx.vector_deltas:
-                            self._apply_vector_deltas(tx.vector_deltas)
+                            self._vectors.apply(tx.vector_deltas)
                     except BaseException:
                         with contextlib.suppress(apsw.Error):
                             db.execute("ROLLBACK")
@@ -341,44 +338,6 @@ class Store:
 
     # -- vector caches and derived indexes ---------------------------------------------
 
-    def _note_vectors(self, collection: str, field_name: str, changes: list[tuple[int, Any, Any]]) -> None:
-        """Queue vector writes of the current transaction for the in-memory caches."""
-        if self._tx is not None and (collection, field_name) in self._vector_caches:
-            self._tx.vector_deltas.append((collection, field_name, changes))
-
-    def _apply_vector_deltas(self, deltas: list[tuple[str, str, list[tuple[int, Any, Any]]]]) -> None:
-        for collection, field_name, changes in deltas:
-            cache = self._vector_caches.get((collection, field_name))
-            if cache is not None:
-                cache.apply(changes)
-
-    def _vector_cache(self, collection: Collection, field_name: str) -> VectorCache | None:
-        """The in-memory matrix of a vector field, built or refreshed as needed; None if caching is off."""
-        if not self.vector_cache:
-            return None
-        db = self._db
-        version = scalar(db, "PRAGMA data_version")
-        if version != self._data_version:
-            # Another connection committed: cached matrices may be stale.
-            self._vector_caches.clear()
-            self._data_version = version
-        key = (collection.name, field_name)
-        cache = self._vector_caches.get(key)
-        field_spec = collection.fields[field_name]
-        if cache is None or cache.spec != (field_spec.spec(), tuple(collection._derived.filters)):
-            assert isinstance(field_spec, Vector)
-            filters = collection._derived.filters
-            kinds = {n: _FILTER_KINDS[collection.fields[n].type_name] for n in filters}
-            cache = VectorCache(field_spec.metric, field_spec.dim, kinds)
-            cols = ", ".join(quote(n) for n in [field_name, *filters])
-            rows = db.execute(
-                f"SELECT rowid, {cols} FROM {collection.schema.table} WHERE {quote(field_name)} IS NOT NULL ORDER BY rowid"
-            ).fetchall()
-            cache.load([int(r[0]) for r in rows], [r[1] for r in rows], [r[2:] for r in rows])  # type: ignore[arg-type, misc]
-            cache.spec = (field_spec.spec(), tuple(filters))
-            self._vector_caches[key] = cache
-        return cache
-
     def reindex(self, collection: str | None = None) -> dict[str, dict[str, int]]:
         """Rebuild the derived vec0 and FTS5 indexes from the rows; return rows indexed per index."""
         names = [collection] if collection is not None else self.collections()
@@ -387,7 +346,7 @@ class Store:
             for name in names:
                 coll = self.collection(name)
                 out[name] = coll._derived.rebuild(self._db)
-        self._vector_caches.clear()
+        self._vectors.clear()
         return out
 
     @property
@@ -551,9 +510,6 @@ def _open_keys_from(source: Any, store: Store, master: bytes | None) -> Store | 
 
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
-
-#: How the in-memory vector cache holds each filter field type.
-_FILTER_KINDS = {"Text": "text", "Integer": "int", "Boolean": "int", "Real": "real"}
 
 
 def _looks_like_sqlite(path: str) -> bool:
