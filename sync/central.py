@@ -117,6 +117,11 @@ class Central:
     # -- connection ---------------------------------------------------------------------
 
     @property
+    def channel(self) -> str:
+        """The LISTEN/NOTIFY channel on which shipped collections are announced."""
+        return f"localstore.{self.schema}"[:63]
+
+    @property
     def shown(self) -> str:
         """The URL with its password redacted."""
         return redact(self.url)
@@ -443,6 +448,8 @@ class Central:
                     "last_hlc = greatest({}.last_hlc, excluded.last_hlc), last_sync = now()").format(
                         self._q("stores"), self._q("stores"), self._q("stores")),
                     (store_id, info.name, last.seq, last.hlc))
+                # Delivered at commit: engines with subscribers to these collections pull them.
+                cur.execute("SELECT pg_notify(%s, %s)", (self.channel, ",".join(sorted(by_coll))))
 
         try:
             self.run(f"shipping changes of store {info.name}", merge)

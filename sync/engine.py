@@ -52,6 +52,10 @@ DEFAULT_OPEN_STORES = 64
 #: Worker threads shipping different stores at once, each with its own Postgres connection. 1 is serial.
 DEFAULT_WORKERS = 4
 
+#: How long the listener for other stores' changes blocks on its socket between checks for stop, in seconds.
+#: It exists only while some store subscribes to a collection.
+DEFAULT_LISTEN_WAIT_S = 1.0
+
 #: Errors that no retry can fix: the engine reports them and keeps retrying slowly only in daemon mode.
 FATAL = (AuthenticationError, DatabaseMissingError, ConfigError)
 
@@ -107,6 +111,8 @@ class SyncEngine:
         self._dirty: set[str] = set()
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()  # counters, the open-store cache, the connection list
+        self._subscribers: dict[str, set[str]] = {}  # collection (lowercase) -> stores pulling it
+        self._listener: threading.Thread | None = None
         self.batch_rows, self.batch_bytes = batch_rows, batch_bytes
         self.pull = pull
         self.watch = watch
@@ -171,6 +177,9 @@ class SyncEngine:
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.join(DEFAULT_LISTEN_WAIT_S + 5)
         self._close_stores()
         for central in [self.central, *self._centrals]:
             central.close()
@@ -312,6 +321,7 @@ class SyncEngine:
         if self._down:
             log.info("postgres reachable again", extra={"event": "postgres_up"})
             self._down = False
+        self._note_subscriptions(name, result.subscriptions)
         with self._lock:
             self._backoff.reset()
             self.passes += 1
@@ -319,6 +329,47 @@ class SyncEngine:
         if result.shipped or result.pulled:
             log.info("synced", extra={"event": "synced", **describe_result(result)})
         return result
+
+    def _note_subscriptions(self, name: str, collections: list[str]) -> None:
+        with self._lock:
+            for subs in self._subscribers.values():
+                subs.discard(name)
+            for coll in collections:
+                self._subscribers.setdefault(coll.lower(), set()).add(name)
+            start = bool(collections) and self._listener is None and self._thread is not None and not self._stopping
+            if start:
+                self._listener = threading.Thread(target=self._listen, name="localstore-sync-listen", daemon=True)
+        if start and self._listener is not None:
+            self._listener.start()
+
+    def _listen(self) -> None:
+        """Wake the stores that subscribe to a collection when another store ships it (LISTEN/NOTIFY)."""
+        import psycopg
+        from psycopg import sql
+
+        backoff = Backoff(cap=self._backoff.cap)
+        while not self._stopping:
+            try:
+                with psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn:
+                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.central.channel)))
+                    backoff.reset()
+                    with self._lock:  # notifications may have been missed while not listening
+                        missed = set().union(*self._subscribers.values()) if self._subscribers else set()
+                    for name in missed:
+                        self.notify(name)
+                    while not self._stopping:
+                        for note in conn.notifies(timeout=DEFAULT_LISTEN_WAIT_S):
+                            with self._lock:
+                                names = set().union(*(self._subscribers.get(c.lower(), set())
+                                                      for c in note.payload.split(",")))
+                            for name in names:
+                                self.notify(name)
+                            if self._stopping:
+                                break
+            except psycopg.Error:
+                with self._cond:
+                    if not self._stopping:
+                        self._cond.wait(backoff.next_delay())
 
     def _retry_all(self, name: str, delay: float) -> None:
         at = time.monotonic() + delay

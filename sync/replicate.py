@@ -121,10 +121,11 @@ def subscribe(store: Store, collection: str) -> None:
     replica.subscribe(store, collection)
 
 
-def pull_subscriptions(central: Central, store: Store) -> int:
+def pull_subscriptions(central: Central, store: Store, subscriptions: dict[str, str] | None = None) -> int:
     """Pull every subscribed collection of ``store``; return the rows applied."""
     total = 0
-    for collection, cursor in replica.subscriptions(store).items():
+    subs = replica.subscriptions(store) if subscriptions is None else subscriptions
+    for collection, cursor in subs.items():
         total += pull(central, store, collection, cursor)
     return total
 
@@ -170,6 +171,9 @@ def pull(central: Central, store: Store, collection: str, cursor: str | None = N
     if got is None:
         return 0
     new_cursor, rows = got
+    if not rows:
+        # Nothing new: leave the store untouched (a write here would wake the watcher for nothing).
+        return 0
     applied = replica.apply_remote(store, collection, rows, cursor=new_cursor)
     if applied:
         log.info("pulled rows", extra={"event": "pulled", "store": store.name, "collection": collection,

@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from localstore import replica
@@ -33,6 +33,7 @@ class PassResult:
     batches: int = 0
     pulled: int = 0
     acked_lost: bool = False
+    subscriptions: list[str] = field(default_factory=list)
 
 
 def sync_store(
@@ -104,7 +105,10 @@ def sync_store(
     if pull and not should_stop():
         from .replicate import pull_subscriptions
 
-        result.pulled = pull_subscriptions(central, store)
+        subs = replica.subscriptions(store)
+        result.subscriptions = sorted(subs)
+        if subs:
+            result.pulled = pull_subscriptions(central, store, subs)
     return result
 
 

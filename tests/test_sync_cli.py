@@ -238,3 +238,32 @@ def test_no_password_in_any_output(tmp_path: Path, pg_server: PgServer, pg_url: 
     text = "\n".join(outputs)
     assert text.count(pg_server.password) == 0
     assert "***" in text
+
+
+def test_a_subscriber_pulls_other_stores_writes_without_writing_itself(
+    tmp_path: Path, pg_url: str, pg_schema: str
+) -> None:
+    folder = tmp_path / "ws"
+    ws = ls.Workspace(folder)
+    a, b = ws.open("a"), ws.open("b")
+    fields = {"fact": ls.Text(), "value": ls.Real()}
+    fa = a.collection("facts", key="fact", fields=fields)
+    fb = b.collection("facts", key="fact", fields=fields)
+    from localstore import replica
+    from localstore.sync import subscribe
+
+    subscribe(b, "facts")
+    engine = SyncEngine(ws, pg_url, schema=pg_schema).start()
+    try:
+        time.sleep(0.3)
+        fa.put({"fact": "pi", "value": 3.14})  # only a writes; b learns of it through Postgres
+        _wait_for(lambda: fb.get("pi") is not None, 30, "b to pull a's row")
+        assert replica.origin(b, "facts", "pi") == a.id
+        _wait_for(lambda: a.changelog.watermark() == a.changelog.last_seq(), 30, "a's watermark")
+        time.sleep(0.5)
+        before = engine.wakeups
+        time.sleep(1.5)
+        assert engine.wakeups == before, "pulling must not keep the engine busy"
+    finally:
+        engine.stop()
+        ws.close()
