@@ -23,6 +23,7 @@ from psycopg import sql
 
 from . import mapping
 from .batching import latest_per_key
+from .mapping import text_value
 from .errors import CentralSchemaError, wrap
 from .url import redact
 
@@ -435,7 +436,7 @@ class Central:
                     store_uuid = uuid.UUID(store_id)
                     for ch in changes:
                         payload = None if ch.payload is None else pack(ch.payload, use_bin_type=True)
-                        cp.write_row((store_uuid, ch.seq, ch.hlc, ch.collection, str(ch.key), ch.op, payload))
+                        cp.write_row((store_uuid, ch.seq, ch.hlc, ch.collection, text_value(str(ch.key)), ch.op, payload))
                 cur.execute(sql.SQL(
                     "INSERT INTO {} (store_id, seq, hlc, collection, key, op, payload) "
                     "SELECT store_id, seq, hlc, collection, key, op, payload FROM _ls_stage_changes "
@@ -480,10 +481,10 @@ class Central:
             for ch in changes:
                 payload = ch.payload
                 if payload is None:
-                    cp.write_row((store_uuid, str(ch.key), ch.seq, ch.hlc, True, *nulls))
+                    cp.write_row((store_uuid, text_value(str(ch.key)), ch.seq, ch.hlc, True, *nulls))
                 else:
                     get = payload.get
-                    cp.write_row((store_uuid, str(ch.key), ch.seq, ch.hlc, False,
+                    cp.write_row((store_uuid, text_value(str(ch.key)), ch.seq, ch.hlc, False,
                                   *[conv(get(f)) for f, conv in zip(fields, convs)]))
         select = sql.SQL(", ").join(
             sql.Identifier(c) if st.cast is None else sql.SQL("{}::{}").format(sql.Identifier(c), sql.SQL(st.cast))

@@ -53,6 +53,22 @@ def _identity(value: Any) -> Any:
     return value
 
 
+def text_value(value: Any) -> Any:
+    """Text for a Postgres text column: NUL, which Postgres text cannot hold, becomes U+FFFD.
+
+    Only the queryable column is affected; the change log keeps the exact stored bytes.
+    """
+    if type(value) is str and "\x00" in value:
+        return value.replace("\x00", "\ufffd")
+    return value
+
+
+def _json_text(value: Any) -> Any:
+    if type(value) is str and "\\u0000" in value:
+        return value.replace("\\u0000", "\\ufffd")  # jsonb refuses the NUL escape
+    return value
+
+
 def _to_bool(value: Any) -> Any:
     return None if value is None else bool(value)
 
@@ -90,6 +106,10 @@ def converter(spec: dict[str, Any], column_type: str) -> Converter:
         return _vector_array
     if column_type == "boolean":
         return _to_bool
+    if column_type == "text":
+        return text_value
+    if column_type == "jsonb":
+        return _json_text
     return _identity
 
 

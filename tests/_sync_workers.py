@@ -85,9 +85,11 @@ def same_value(spec: dict[str, object], local: object, central: object) -> bool:
         got = json.loads(central) if isinstance(central, str) else list(central)  # type: ignore[call-overload]
         return bool(np.allclose(np.frombuffer(local, dtype="<f4"), np.asarray(got, dtype="<f4"), rtol=1e-6, atol=0))  # type: ignore[arg-type]
     if kind == "Json":
-        return json.loads(local) == central  # type: ignore[arg-type]
+        return json.loads(local.replace("\\u0000", "\\ufffd")) == central  # type: ignore[union-attr]
     if kind == "Boolean":
         return bool(local) == central
+    if isinstance(local, str) and "\x00" in local:
+        return local.replace("\x00", "\ufffd") == central  # Postgres text cannot hold NUL
     return local == central
 
 

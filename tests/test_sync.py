@@ -59,8 +59,10 @@ def _write_mixed(store: ls.Store, seed: int, n: int = 300) -> None:
     for _ in range(n // 3):  # updates
         kernels.put(_row(rng, f"k{rng.randrange(n)}"))
     kernels.delete_many([f"k{rng.randrange(n)}" for _ in range(n // 10)])
+    notes_odd = {"nid": -1, "text": "NUL \x00 inside", "tags": ["\x00"]}  # Postgres text cannot hold NUL
     with store.transaction():
         notes.put_many([{"nid": i, "text": f"note {i} of {store.name}", "tags": ["x", i]} for i in range(50)])
+        notes.put(notes_odd)
         notes.delete(7)
     store.collection("scratch", key="id", fields={"id": ls.Text(), "v": ls.Real()}, sync=False).put({"id": "x", "v": 1.0})
 

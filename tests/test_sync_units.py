@@ -151,3 +151,11 @@ def test_field_mapping() -> None:
     assert pg_type({"type": "Json", "compress": True}, True) == "bytea"
     assert compatible({"type": "Real"}, "double precision", True)
     assert not compatible({"type": "Real"}, "text", True)
+
+
+def test_text_columns_cannot_hold_nul_so_it_is_replaced() -> None:
+    from localstore.sync.mapping import converter
+
+    assert converter({"type": "Text"}, "text")("a\x00b") == "a\ufffdb"
+    assert converter({"type": "Text"}, "text")("plain") == "plain"
+    assert converter({"type": "Json"}, "jsonb")('{"k":"\\u0000"}') == '{"k":"\\ufffd"}'
