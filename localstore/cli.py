@@ -268,7 +268,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_expire)
     _register_sync_commands(sub)
+    _register_kit_commands(sub)
     return parser
+
+
+def _register_kit_commands(sub: Any) -> None:
+    """Add the agent kits' subcommands (importers, plot) when the kits provide them."""
+    import importlib
+
+    for module in ("localstore.kits.cli", "localstore.kits.import_cli"):
+        try:
+            kit_cli = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        kit_cli.register(sub)
 
 
 def _register_sync_commands(sub: Any) -> None:
