@@ -280,7 +280,8 @@ def _register_kit_commands(sub: Any) -> None:
         try:
             kit_cli = importlib.import_module(module)
         except ModuleNotFoundError as exc:
-            if exc.name != module:
+            # Only a missing kit module is expected; a missing dependency inside one is an error.
+            if exc.name is None or not (module == exc.name or module.startswith(exc.name + ".")):
                 raise
             continue
         kit_cli.register(sub)
