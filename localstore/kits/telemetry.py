@@ -1,0 +1,545 @@
+"""Telemetry and checkpoints kit: sessions, per-step records, emergencies, checkpoints, basin history.
+
+    import localstore as ls
+    from localstore.kits.telemetry import Telemetry
+
+    tm = Telemetry(ls.open("data/kernel-7.db"))
+    sid = tm.start_session()
+    tm.record_telemetry_many(sid, [{"step": i, "phi": 0.7, "kappa_eff": 63.9} for i in range(100_000)])
+    tm.record_emergency(sid, reason="phi collapse", severity="critical", metric="phi", value=0.1, threshold=0.3)
+    tm.end_session(sid)                       # computes total_steps, avg_phi, max_phi, emergency_count
+    tm.save_checkpoint(sid, phi=0.82, kappa=64.1, regime="geometric", basin_coords=p, state_dict={"w": w})
+    tm.get_best_checkpoint(); tm.prune_checkpoints(keep=5)
+    tm.latest_telemetry(); tm.best_checkpoints(); tm.emergency_summary(); tm.session_stats()
+    tm.delete_telemetry_older_than(days=30)
+
+Collections (names as the systems they replace use them): ``telemetry_sessions``,
+``telemetry_records``, ``emergency_events``, ``checkpoints``, ``checkpoint_history``,
+``basin_history``. Timestamps are Unix seconds (UTC).
+
+Keys. A telemetry record's key is ``"<session_id>#<step, 12 digits>"`` (basin
+history likewise), so re-recording a step replaces it, a session's records are one
+range of the key index, and "the latest record of a session" is one index probe.
+Session ids therefore cannot contain ``#``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+import localstore as ls
+
+from ._util import finite, new_id, now, to_epoch
+
+STATUSES = ("running", "completed", "failed", "aborted", "imported")
+HISTORY_ACTIONS = ("created", "loaded", "pruned", "ranked")
+BASIN_DIM = 64
+#: Step numbers are zero-padded to this many digits in record keys.
+STEP_DIGITS = 12
+MAX_STEP = 10**STEP_DIGITS - 1
+#: Records read per page when a session's records are scanned (``end_session``, stats).
+DEFAULT_PAGE = 20_000
+_STATE_MAGIC = b"LSCK"
+_STATE_HEAD = struct.Struct("<4sI")
+
+
+def record_key(session_id: str, step: int) -> str:
+    """The key of a session's record (or basin history entry) at ``step``."""
+    return f"{session_id}#{step:0{STEP_DIGITS}d}"
+
+
+def _session_range(session_id: str) -> dict[str, Any]:
+    """A where-condition on a record key matching exactly the session's records."""
+    return {">=": f"{session_id}#", "<": f"{session_id}$"}  # '$' follows '#' in code point order
+
+
+def check_session_id(session_id: Any) -> str:
+    """Validate a session id: a non-empty string without ``#``."""
+    if not isinstance(session_id, str) or not session_id or "#" in session_id:
+        raise ls.ValidationError(f"telemetry: a session id must be a non-empty string without '#', got {session_id!r}")
+    return session_id
+
+
+def encode_state(state: Mapping[str, Any] | None) -> bytes | None:
+    """Pack a state dict: numpy arrays into an ``.npz`` (no pickle), everything else as JSON."""
+    if state is None:
+        return None
+    if not isinstance(state, Mapping):
+        raise ls.ValidationError(f"checkpoints.state_dict: expected a dict of name -> array or JSON value, got {type(state).__name__}")
+    arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
+    rest = {k: v for k, v in state.items() if not isinstance(v, np.ndarray)}
+    if not all(isinstance(k, str) for k in state):
+        raise ls.ValidationError("checkpoints.state_dict: keys must be strings")
+    try:
+        head = json.dumps({"json": rest, "arrays": list(arrays)}, allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise ls.ValidationError(f"checkpoints.state_dict: a value is neither a numpy array nor JSON-representable ({exc})") from None
+    buf = io.BytesIO()
+    if arrays:
+        if any(a.dtype.kind in "OV" for a in arrays.values()):
+            raise ls.ValidationError("checkpoints.state_dict: arrays must have a plain dtype (not object or structured)")
+        np.savez(buf, **arrays)
+    return _STATE_HEAD.pack(_STATE_MAGIC, len(head)) + head + buf.getvalue()
+
+
+def decode_state(blob: bytes | None) -> dict[str, Any] | None:
+    """Unpack what ``encode_state`` wrote."""
+    if blob is None or blob is ls.FORGOTTEN:
+        return None
+    magic, length = _STATE_HEAD.unpack_from(blob)
+    if magic != _STATE_MAGIC:
+        raise ls.ValidationError("checkpoints.state_dict: not a state written by the telemetry kit")
+    start = _STATE_HEAD.size
+    head = json.loads(blob[start:start + length])
+    out: dict[str, Any] = dict(head["json"])
+    if head["arrays"]:
+        with np.load(io.BytesIO(blob[start + length:]), allow_pickle=False) as npz:
+            out.update({name: npz[name] for name in head["arrays"]})
+    return out
+
+
+class Telemetry:
+    """The telemetry and checkpoints kit on one store. Declares (or reopens) its collections.
+
+    ``basin_metric`` (``"fisher_rao"`` or ``"cosine"``) ranks the 64-d ``basin_coords``
+    of checkpoints and basin history; it is fixed when the collections are first declared.
+    """
+
+    def __init__(self, store: ls.Store, *, basin_metric: str = "fisher_rao") -> None:
+        self.store = store
+        if "checkpoints" in store:
+            basin_metric = store.collection("checkpoints").fields["basin_coords"].metric  # type: ignore[attr-defined]
+        self.sessions = store.collection("telemetry_sessions", key="session_id", fields={
+            "session_id": ls.Text(),
+            "started_at": ls.Real(index=True),
+            "ended_at": ls.Real(),
+            "status": ls.Text(index=True, default="running"),
+            "total_steps": ls.Integer(default=0),
+            "avg_phi": ls.Real(),
+            "max_phi": ls.Real(),
+            "emergency_count": ls.Integer(default=0),
+            "metadata": ls.Json(default={}),
+        })
+        self.records = store.collection("telemetry_records", key="record_id", fields={
+            "record_id": ls.Text(),                  # "<session_id>#<step>", see the module docstring
+            "session_id": ls.Text(),                 # found through the key range, so no second index
+            "step": ls.Integer(),
+            "timestamp": ls.Real(index=True),        # retention deletes by it
+            "phi": ls.Real(),
+            "kappa_eff": ls.Real(),
+            "regime": ls.Text(),
+            "basin_distance": ls.Real(),
+            "emergency": ls.Boolean(default=False),
+        })
+        self.emergencies = store.collection("emergency_events", key="event_id", fields={
+            "event_id": ls.Text(),
+            "session_id": ls.Text(index=True),
+            "timestamp": ls.Real(index=True),
+            "reason": ls.Text(),
+            "severity": ls.Text(index=True),
+            "metric": ls.Text(),
+            "value": ls.Real(),
+            "threshold": ls.Real(),
+            "step": ls.Integer(),                    # an addition: the step it happened at, when known
+        })
+        self.checkpoints = store.collection("checkpoints", key="checkpoint_id", fields={
+            "checkpoint_id": ls.Text(),
+            "session_id": ls.Text(filter=True),
+            "created_at": ls.Real(index=True),
+            "phi": ls.Real(filter=True),
+            "kappa": ls.Real(),
+            "regime": ls.Text(filter=True),
+            "basin_coords": ls.Vector(BASIN_DIM, metric=basin_metric),
+            "state_dict": ls.Blob(compress=True),    # see encode_state
+            "metadata": ls.Json(default={}),
+            "rank": ls.Integer(),                    # 1 = highest phi within its session
+            "is_best": ls.Boolean(filter=True, default=False),
+        })
+        self.history = store.collection("checkpoint_history", key="history_id", fields={
+            "history_id": ls.Text(),
+            "checkpoint_id": ls.Text(index=True),
+            "session_id": ls.Text(),
+            "action": ls.Text(index=True),           # created, loaded, pruned, ranked
+            "timestamp": ls.Real(index=True),
+            "details": ls.Json(default={}),
+        })
+        self.basins = store.collection("basin_history", key="entry_id", fields={
+            "entry_id": ls.Text(),                   # "<session_id>#<step>"
+            "session_id": ls.Text(),
+            "step": ls.Integer(),
+            "timestamp": ls.Real(index=True),
+            "basin_coords": ls.Vector(BASIN_DIM, metric=basin_metric),
+            "phi": ls.Real(),
+            "kappa": ls.Real(),
+            "regime": ls.Text(),
+        })
+
+    # -- sessions -----------------------------------------------------------------------------
+
+    def start_session(
+        self, session_id: str | None = None, *, started_at: Any = None, metadata: dict[str, Any] | None = None,
+        status: str = "running",
+    ) -> str:
+        """Create a session row; return its id (generated unless given). An existing id raises."""
+        sid = check_session_id(new_id() if session_id is None else session_id)
+        if status not in STATUSES:
+            raise ls.ValidationError(f"telemetry_sessions[{sid!r}].status: expected one of {STATUSES}, got {status!r}")
+        with self.store.transaction():
+            if self.sessions.get(sid) is not None:
+                raise ls.ValidationError(f"{self.store.path}: telemetry session {sid!r} already exists")
+            self.sessions.put({
+                "session_id": sid, "status": status, "metadata": metadata or {},
+                "started_at": now() if started_at is None else to_epoch(started_at, f"session {sid!r} started_at"),
+            })
+        return sid
+
+    def get_session(self, session_id: str) -> dict[str, Any] | None:
+        """The session row, or None."""
+        return self.sessions.get(session_id)
+
+    def _require_session(self, session_id: Any) -> dict[str, Any]:
+        row = self.sessions.get(check_session_id(session_id))
+        if row is None:
+            raise ls.ValidationError(f"{self.store.path}: no telemetry session {session_id!r}; start_session it first")
+        return row
+
+    def compute_session_stats(self, session_id: str) -> dict[str, Any]:
+        """The session's stats from its records and events: total_steps, avg_phi, max_phi, emergency_count.
+
+        total_steps counts the records; avg_phi and max_phi skip records without phi
+        (None when there is none); emergency_count counts the emergency events.
+        """
+        n, n_phi, total, top = 0, 0, 0.0, None
+        for page in self._record_pages(session_id):
+            n += len(page)
+            phis = [r["phi"] for r in page if r["phi"] is not None]
+            if phis:
+                n_phi += len(phis)
+                total += float(np.sum(phis))
+                top = max(phis) if top is None else max(top, max(phis))
+        return {
+            "total_steps": n, "avg_phi": total / n_phi if n_phi else None, "max_phi": top,
+            "emergency_count": self.emergencies.count({"session_id": session_id}),
+        }
+
+    def refresh_session_stats(self, session_id: str) -> dict[str, Any]:
+        """Recompute and store the session's stats without changing its status; return the row.
+
+        Writes nothing when the stats are unchanged.
+        """
+        with self.store.transaction():
+            row = self._require_session(session_id)
+            stats = self.compute_session_stats(session_id)
+            if any(row[k] != v for k, v in stats.items()):
+                row.update(stats)
+                self.sessions.put(row)
+        return row
+
+    def end_session(self, session_id: str, *, status: str = "completed", ended_at: Any = None) -> dict[str, Any]:
+        """Close a session: set status and ended_at, compute and store its stats; return the row."""
+        if status not in STATUSES:
+            raise ls.ValidationError(f"telemetry_sessions[{session_id!r}].status: expected one of {STATUSES}, got {status!r}")
+        with self.store.transaction():
+            row = self._require_session(session_id)
+            row.update(self.compute_session_stats(session_id))
+            row["status"] = status
+            row["ended_at"] = now() if ended_at is None else to_epoch(ended_at, f"session {session_id!r} ended_at")
+            self.sessions.put(row)
+        return row
+
+    # -- records --------------------------------------------------------------------------------
+
+    def make_record(self, session_id: str, record: Mapping[str, Any]) -> dict[str, Any]:
+        """Validate one telemetry record and return the row to store (without writing it).
+
+        ``record`` holds step (an int >= 0) and optionally timestamp (default now), phi,
+        kappa_eff, regime, basin_distance and emergency; a session_id in it must match.
+        """
+        if not isinstance(record, Mapping):
+            raise ls.ValidationError(f"telemetry_records: a record must be a dict, got {type(record).__name__}")
+        unknown = set(record) - {"session_id", "step", "timestamp", "phi", "kappa_eff", "regime", "basin_distance", "emergency"}
+        if unknown:
+            raise ls.ValidationError(f"telemetry_records: unknown field(s) {', '.join(sorted(unknown))}")
+        if record.get("session_id", session_id) != session_id:
+            raise ls.ValidationError(
+                f"telemetry_records: record of session {record['session_id']!r} given for session {session_id!r}"
+            )
+        step = record.get("step")
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step <= MAX_STEP:
+            raise ls.ValidationError(f"telemetry_records: step must be an int in 0..{MAX_STEP}, got {step!r}")
+        step = int(step)
+        where = f"telemetry_records[{session_id!r}, step {step}]"
+        row: dict[str, Any] = {
+            "record_id": record_key(session_id, step), "session_id": session_id, "step": step,
+            "timestamp": now() if record.get("timestamp") is None else to_epoch(record["timestamp"], f"{where}.timestamp"),
+            "emergency": bool(record.get("emergency", False)),
+        }
+        if not isinstance(record.get("emergency", False), (bool, np.bool_)):
+            raise ls.ValidationError(f"{where}.emergency: expected true or false, got {record['emergency']!r}")
+        for name in ("phi", "kappa_eff", "basin_distance"):
+            value = record.get(name)
+            row[name] = None if value is None else finite(value, f"{where}.{name}")
+        regime = record.get("regime")
+        if regime is not None and not isinstance(regime, str):
+            raise ls.ValidationError(f"{where}.regime: expected text, got {regime!r}")
+        row["regime"] = regime
+        return row
+
+    def record_telemetry(self, session_id: str, step: int, **fields: Any) -> str:
+        """Record one step of a session (phi=, kappa_eff=, regime=, ...); return the record's key."""
+        self._require_session(session_id)
+        row = self.make_record(session_id, {**fields, "step": step})
+        self.records.put(row)
+        return str(row["record_id"])
+
+    def record_telemetry_many(self, session_id: str, records: Iterable[Mapping[str, Any]]) -> int:
+        """Record many steps in one transaction (all or none); return the count. The fast path."""
+        self._require_session(session_id)
+        rows = [self.make_record(session_id, r) for r in records]
+        return self.records.put_many(rows)
+
+    def _record_pages(self, session_id: str, page: int = DEFAULT_PAGE) -> Iterator[list[dict[str, Any]]]:
+        """A session's records in step order, a page at a time (bounded memory)."""
+        after = f"{session_id}#"
+        while True:
+            rows = self.records.find(
+                where={"record_id": {">": after, "<": f"{session_id}$"}}, order_by="record_id", limit=page
+            )
+            if not rows:
+                return
+            yield rows
+            after = rows[-1]["record_id"]
+
+    def session_records(self, session_id: str) -> list[dict[str, Any]]:
+        """All records of a session in step order."""
+        return [r for page in self._record_pages(session_id) for r in page]
+
+    def count_records(self, session_id: str) -> int:
+        """How many records a session has."""
+        return self.records.count({"record_id": _session_range(check_session_id(session_id))})
+
+    def latest_record(self, session_id: str) -> dict[str, Any] | None:
+        """The record with the highest step of a session, or None."""
+        rows = self.records.find(where={"record_id": _session_range(check_session_id(session_id))},
+                                 order_by="-record_id", limit=1)
+        return rows[0] if rows else None
+
+    # -- emergencies ----------------------------------------------------------------------------
+
+    def record_emergency(
+        self, session_id: str, *, reason: str, severity: str = "warning", metric: str | None = None,
+        value: float | None = None, threshold: float | None = None, timestamp: Any = None,
+        step: int | None = None, event_id: str | None = None,
+    ) -> str:
+        """Record an emergency event of a session; return its id (generated unless given)."""
+        self._require_session(session_id)
+        row = self.make_emergency(session_id, {
+            "reason": reason, "severity": severity, "metric": metric, "value": value, "threshold": threshold,
+            "timestamp": timestamp, "step": step, "event_id": event_id,
+        })
+        self.emergencies.put(row)
+        return str(row["event_id"])
+
+    def make_emergency(self, session_id: str, event: Mapping[str, Any]) -> dict[str, Any]:
+        """Validate one emergency event and return the row to store (without writing it)."""
+        eid = event.get("event_id") or new_id()
+        where = f"emergency_events[{eid!r}]"
+        if not isinstance(eid, str):
+            raise ls.ValidationError(f"{where}: event_id must be text")
+        for name in ("reason", "severity"):
+            if not isinstance(event.get(name), str) or not event[name]:
+                raise ls.ValidationError(f"{where}.{name}: expected a non-empty string, got {event.get(name)!r}")
+        if event.get("metric") is not None and not isinstance(event["metric"], str):
+            raise ls.ValidationError(f"{where}.metric: expected text, got {event['metric']!r}")
+        step = event.get("step")
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+            raise ls.ValidationError(f"{where}.step: expected an int >= 0, got {step!r}")
+        return {
+            "event_id": eid, "session_id": session_id, "reason": event["reason"], "severity": event["severity"],
+            "metric": event.get("metric"), "step": step,
+            "timestamp": now() if event.get("timestamp") is None else to_epoch(event["timestamp"], f"{where}.timestamp"),
+            **{k: None if event.get(k) is None else finite(event[k], f"{where}.{k}") for k in ("value", "threshold")},
+        }
+
+    def emergency_summary(self, session_id: str | None = None) -> list[dict[str, Any]]:
+        """Per session: count, counts by severity and by metric, first_at and last_at (sessions with events)."""
+        where = None if session_id is None else {"session_id": session_id}
+        summary: dict[str, dict[str, Any]] = {}
+        for e in self.emergencies.find(where=where, order_by="timestamp"):
+            s = summary.setdefault(e["session_id"], {
+                "session_id": e["session_id"], "count": 0, "by_severity": {}, "by_metric": {},
+                "first_at": e["timestamp"], "last_at": e["timestamp"],
+            })
+            s["count"] += 1
+            s["by_severity"][e["severity"]] = s["by_severity"].get(e["severity"], 0) + 1
+            metric = e["metric"] or "unknown"
+            s["by_metric"][metric] = s["by_metric"].get(metric, 0) + 1
+            s["last_at"] = e["timestamp"]
+        return sorted(summary.values(), key=lambda s: s["session_id"])
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def save_checkpoint(
+        self, session_id: str, *, phi: float, kappa: float | None = None, regime: str | None = None,
+        basin_coords: Any = None, state_dict: Mapping[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None, checkpoint_id: str | None = None, created_at: Any = None,
+    ) -> str:
+        """Save a checkpoint, re-rank the session's checkpoints by phi, log history; return its id.
+
+        ``state_dict`` maps names to numpy arrays (kept exactly, no pickle) or JSON values;
+        it is stored zstd-compressed.
+        """
+        cid = new_id() if checkpoint_id is None else checkpoint_id
+        if not isinstance(cid, str) or not cid:
+            raise ls.ValidationError(f"checkpoints: checkpoint_id must be a non-empty string, got {cid!r}")
+        where = f"checkpoints[{cid!r}]"
+        row = {
+            "checkpoint_id": cid, "session_id": session_id, "phi": finite(phi, f"{where}.phi"),
+            "kappa": None if kappa is None else finite(kappa, f"{where}.kappa"), "regime": regime,
+            "basin_coords": basin_coords, "state_dict": encode_state(state_dict), "metadata": metadata or {},
+            "created_at": now() if created_at is None else to_epoch(created_at, f"{where}.created_at"),
+        }
+        with self.store.transaction():
+            self._require_session(session_id)
+            self.checkpoints.put(row)
+            self._log(cid, session_id, "created", {"phi": row["phi"]})
+            self._rerank(session_id, quiet=cid)
+        return cid
+
+    def _log(self, checkpoint_id: str, session_id: str, action: str, details: dict[str, Any]) -> None:
+        self.history.put({"history_id": new_id(), "checkpoint_id": checkpoint_id, "session_id": session_id,
+                          "action": action, "timestamp": now(), "details": details})
+
+    def _rerank(self, session_id: str, quiet: str | None = None) -> None:
+        """Give the session's checkpoints rank 1.. by phi (ties: older first); log changed ranks."""
+        rows = self._checkpoint_rows({"session_id": session_id})
+        rows.sort(key=lambda r: (-r["phi"], r["created_at"]))
+        changed = []
+        for rank, row in enumerate(rows, 1):
+            if row["rank"] != rank or row["is_best"] != (rank == 1):
+                if row["checkpoint_id"] != quiet and row["rank"] is not None:
+                    self._log(row["checkpoint_id"], session_id, "ranked", {"from": row["rank"], "to": rank})
+                row["rank"], row["is_best"] = rank, rank == 1
+                changed.append(row)
+        self.checkpoints.put_many(changed)
+
+    def _checkpoint_rows(self, where: dict[str, Any] | None, **kw: Any) -> list[dict[str, Any]]:
+        return self.checkpoints.find(where=where, **kw)
+
+    def load_checkpoint(self, checkpoint_id: str) -> dict[str, Any] | None:
+        """The checkpoint with its state_dict unpacked (logged as "loaded"), or None."""
+        with self.store.transaction():
+            row = self.checkpoints.get(checkpoint_id)
+            if row is None:
+                return None
+            self._log(checkpoint_id, row["session_id"], "loaded", {})
+        row["state_dict"] = decode_state(row["state_dict"])
+        return row
+
+    def get_best_checkpoint(self, session_id: str | None = None) -> dict[str, Any] | None:
+        """The checkpoint with the highest phi (of the session, or of the store), state unpacked; or None."""
+        where = None if session_id is None else {"session_id": session_id}
+        rows = self._checkpoint_rows(where, order_by=["-phi", "created_at"], limit=1)
+        if not rows:
+            return None
+        rows[0]["state_dict"] = decode_state(rows[0]["state_dict"])
+        return rows[0]
+
+    def best_checkpoints(self, limit: int = 10) -> list[dict[str, Any]]:
+        """The top checkpoints by phi across sessions, without their state_dict."""
+        rows = self._checkpoint_rows(None, order_by=["-phi", "created_at"], limit=limit)
+        for row in rows:
+            del row["state_dict"]
+        return rows
+
+    def prune_checkpoints(self, keep: int, *, session_id: str | None = None) -> list[str]:
+        """Delete all but the ``keep`` best checkpoints by phi (of the session, or of the store).
+
+        Logs a "pruned" entry per deleted checkpoint and re-ranks; returns the deleted ids.
+        """
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ls.ValidationError(f"prune_checkpoints: keep must be an int >= 1, got {keep!r}")
+        where = None if session_id is None else {"session_id": session_id}
+        with self.store.transaction():
+            rows = self._checkpoint_rows(where, order_by=["-phi", "created_at"], offset=keep)
+            for row in rows:
+                self._log(row["checkpoint_id"], row["session_id"], "pruned", {"phi": row["phi"], "rank": row["rank"]})
+            self.checkpoints.delete_many([r["checkpoint_id"] for r in rows])
+            for sid in sorted({r["session_id"] for r in rows}):
+                self._rerank(sid)
+        return [r["checkpoint_id"] for r in rows]
+
+    def checkpoint_history(self, checkpoint_id: str | None = None) -> list[dict[str, Any]]:
+        """History entries (created, loaded, pruned, ranked) in time order."""
+        where = None if checkpoint_id is None else {"checkpoint_id": checkpoint_id}
+        return self.history.find(where=where, order_by="timestamp")
+
+    # -- basin history --------------------------------------------------------------------------
+
+    def record_basin(
+        self, session_id: str, step: int, basin_coords: Any, *, phi: float | None = None,
+        kappa: float | None = None, regime: str | None = None, timestamp: Any = None,
+    ) -> str:
+        """Record the basin of a session at a step (re-recording a step replaces it); return the key."""
+        check_session_id(session_id)
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
+            raise ls.ValidationError(f"basin_history: step must be an int in 0..{MAX_STEP}, got {step!r}")
+        key = record_key(session_id, step)
+        self.basins.put({
+            "entry_id": key, "session_id": session_id, "step": step, "basin_coords": basin_coords,
+            "phi": None if phi is None else finite(phi, f"basin_history[{key!r}].phi"),
+            "kappa": None if kappa is None else finite(kappa, f"basin_history[{key!r}].kappa"), "regime": regime,
+            "timestamp": now() if timestamp is None else to_epoch(timestamp, f"basin_history[{key!r}].timestamp"),
+        })
+        return key
+
+    def basin_trajectory(self, session_id: str) -> list[dict[str, Any]]:
+        """A session's basin history in step order."""
+        return self.basins.find(where={"entry_id": _session_range(check_session_id(session_id))}, order_by="entry_id")
+
+    # -- queries --------------------------------------------------------------------------------
+
+    def latest_telemetry(self) -> dict[str, dict[str, Any]]:
+        """The latest record (highest step) of every session that has one, by session id."""
+        out = {}
+        for sid in self.sessions.keys():
+            row = self.latest_record(sid)
+            if row is not None:
+                out[sid] = row
+        return out
+
+    def session_stats(self, session_id: str | None = None) -> list[dict[str, Any]]:
+        """Session rows plus checkpoint_count and best_phi, by session id.
+
+        The stored stats are those of the last ``end_session``/``refresh_session_stats``.
+        """
+        sessions = self.sessions.find(where=None if session_id is None else {"session_id": session_id},
+                                      order_by="session_id")
+        for s in sessions:
+            s["checkpoint_count"] = self.checkpoints.count({"session_id": s["session_id"]})
+            best = self._checkpoint_rows({"session_id": s["session_id"]}, order_by="-phi", limit=1)
+            s["best_phi"] = best[0]["phi"] if best else None
+        return sessions
+
+    def delete_telemetry_older_than(
+        self, days: float, *, now_ts: Any = None, batch: int = 10_000
+    ) -> dict[str, int]:
+        """Retention: delete telemetry records and basin history older than ``days``; return counts.
+
+        Sessions, emergency events and checkpoints are kept. Deletes run in batches of
+        ``batch`` rows, one transaction each, and are logged, so they sync.
+        """
+        cutoff = (now() if now_ts is None else to_epoch(now_ts, "retention now_ts")) - finite(days, "days", low=0.0) * 86_400
+        counts = {}
+        for coll in (self.records, self.basins):
+            n = 0
+            while keys := coll.keys(where={"timestamp": {"<": cutoff}}, limit=batch):
+                n += coll.delete_many(keys)
+            counts[coll.name] = n
+        return counts
