@@ -62,6 +62,11 @@ class DerivedIndexes:
 
     def write(self, db: apsw.Connection, rowids: list[int], bindings: list[tuple[Any, ...]], old_max: int) -> None:
         """Update every index for rows just written; rows with rowid > ``old_max`` were inserted, not replaced."""
+        if len(set(rowids)) != len(rowids):
+            # The same key written twice in one batch: only its last version is indexed.
+            last = {r: i for i, r in enumerate(rowids)}
+            keep = sorted(last.values())
+            rowids, bindings = [rowids[i] for i in keep], [bindings[i] for i in keep]
         replaced = [(r,) for r in rowids if r <= old_max]
         for index in self._all():
             if replaced:

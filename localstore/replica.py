@@ -117,11 +117,32 @@ def internal_tables(store: Store) -> list[dict[str, Any]]:
             if ddl.upper().startswith("CREATE VIRTUAL"):
                 continue
             cols = [r[1] for r in db.execute(f"PRAGMA table_info({quote(name)})")]
-            rows = db.execute(f"SELECT {', '.join(map(quote, cols))} FROM {quote(name)}").fetchall()
-            out.append({"name": name, "ddl": ddl, "columns": cols, "rows": [tuple(r) for r in rows]})
+            rows = [tuple(r) for r in db.execute(f"SELECT {', '.join(map(quote, cols))} FROM {quote(name)}")]
+            if name == "_ls_keys":
+                rows = _withhold_subject_keys(cols, rows)
+            out.append({"name": name, "ddl": ddl, "columns": cols, "rows": rows})
         return out
 
     return store._run(read, "reading internal tables")  # type: ignore[no-any-return]
+
+
+def _withhold_subject_keys(columns: list[str], rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Subject keys never leave the store: Postgres gets their ids only, as backups do.
+
+    ``store.forget(subject)`` must reach every copy, and a key that was never shipped
+    needs no erasing centrally. The price: a store restored from Postgres reads its
+    subject-encrypted values as ``localstore.FORGOTTEN`` (documented in docs/privacy.md).
+    """
+    kind, wrapped, lookup, state = (columns.index(c) for c in ("kind", "wrapped", "lookup", "state"))
+    out = []
+    for row in rows:
+        if row[kind] == "subject":
+            masked = list(row)
+            masked[wrapped] = masked[lookup] = None
+            masked[state] = "withheld" if row[state] == "live" else row[state]
+            row = tuple(masked)
+        out.append(row)
+    return out
 
 
 def fingerprint(store: Store) -> str:
@@ -164,10 +185,16 @@ def load_internal_tables(store: Store, tables: list[dict[str, Any]]) -> None:
             exists = db.execute("SELECT 1 FROM sqlite_schema WHERE name = ?", (name,)).fetchone()
             if not exists and t["ddl"]:
                 db.execute(t["ddl"])
-            if t["rows"]:
+            rows = [tuple(r) for r in t["rows"]]
+            if name == "_ls_keys" and "state" in cols:
+                # Subject keys never reach Postgres (see _withhold_subject_keys): with no live
+                # copy to borrow them from, their values read as FORGOTTEN in the restored store.
+                state = cols.index("state")
+                rows = [r[:state] + ("forgotten",) + r[state + 1 :] if r[state] == "withheld" else r for r in rows]
+            if rows:
                 marks = ", ".join("?" for _ in cols)
                 db.executemany(f"INSERT OR IGNORE INTO {quote(name)}({', '.join(map(quote, cols))}) VALUES({marks})",
-                               [tuple(r) for r in t["rows"]])
+                               rows)
 
 
 def create_with_id(path: str | os.PathLike[str], store_id: str, **options: Any) -> Store:
