@@ -277,8 +277,11 @@ def convert(value: Any, target: ls.Field, column: str) -> Any:
                 return int(value)
             raise _BadValue(f"column {column!r}: expected an integer, got {_short(value)}")
         if kind == "Real":
-            number = float(value) if isinstance(value, (int, float, str)) else None
-            if number is None or not math.isfinite(number):
+            try:
+                number = float(value) if isinstance(value, (int, float, str)) else math.nan
+            except ValueError:
+                number = math.nan
+            if not math.isfinite(number):
                 raise _BadValue(f"column {column!r}: expected a finite number, got {_short(value)}")
             return number
         if kind == "Boolean":
