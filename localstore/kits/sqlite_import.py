@@ -105,18 +105,17 @@ class _BadValue(Exception):
 # -- progress -----------------------------------------------------------------------------------
 
 
-def _progress_bar(label: str, total: int) -> Any:
-    """The shared kits progress bar when available, else a minimal one on stderr (only on a terminal)."""
+def _progress_bar(progress: bool | Progress | None, label: str, total: int) -> Any:
+    """The kits' shared progress bar (``_progress.make_progress``), or a minimal local one if it is absent."""
     try:
-        from . import _progress  # type: ignore[attr-defined, unused-ignore]
+        from ._progress import make_progress
     except ImportError:
-        _progress = None
-    if _progress is not None and hasattr(_progress, "Progress"):
-        try:
-            return _progress.Progress(label, total=total)
-        except TypeError:
-            pass
-    return _StderrProgress(label, total)
+        if progress is False:
+            return _NoProgress()
+        if callable(progress):
+            return _CallbackProgress(progress, total)
+        return _StderrProgress(label, total)
+    return make_progress(progress, label, total, unit="rows")
 
 
 class _StderrProgress:
@@ -428,8 +427,7 @@ def _import(
 
     total = int(conn.execute(f"SELECT count(*) FROM {_qi(table)}").fetchone()[0])
     report = ImportReport(src, table, collection, key_field, {n: f.type_name for n, f in fields.items()})
-    bar = (_NoProgress() if progress is False else _CallbackProgress(progress, total) if callable(progress)
-           else _progress_bar(f"import {table}", total))
+    bar = _progress_bar(progress, f"import {table}", total)
     seen: dict[Any, int] = {}
     try:
         cursor = conn.execute(select)
