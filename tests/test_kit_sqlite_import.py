@@ -10,7 +10,12 @@ import pytest
 
 import localstore as ls
 from localstore.cli import main as cli_main
-from localstore.kits.sqlite_import import ROWID_FIELD, SqliteImportError, import_sqlite_table, infer_type
+from localstore.kits.sqlite_import import (
+    ROWID_FIELD,
+    SqliteImportError,
+    import_sqlite_table,
+    infer_type,
+)
 
 GOOD = 200
 

@@ -329,6 +329,14 @@ class Documents:
 
 
 __all__ = [
-    "DEFAULT_CHUNK_OVERLAP", "DEFAULT_CHUNK_WORDS", "Documents", "EMBEDDING_DIM", "HashingEmbedder",
-    "IngestResult", "MiniLMEmbedder", "RetrievalHit", "chunk_text", "content_hash",
+    "DEFAULT_CHUNK_OVERLAP",
+    "DEFAULT_CHUNK_WORDS",
+    "EMBEDDING_DIM",
+    "Documents",
+    "HashingEmbedder",
+    "IngestResult",
+    "MiniLMEmbedder",
+    "RetrievalHit",
+    "chunk_text",
+    "content_hash",
 ]

@@ -42,7 +42,7 @@ DEFAULT_LINEAGE_DEPTH = 10_000
 ROUND_STATUSES = ("running", "completed", "failed", "aborted")
 
 
-def _fields(embedding_dim: int) -> dict[str, dict[str, ls.Field]]:
+def _fields(embedding_dim: int) -> dict[str, dict[str, ls.Field | type[ls.Field]]]:
     return {
         "evolution_rounds": {
             "round_number": ls.Integer(),
@@ -369,4 +369,4 @@ def _check_status(status: str) -> str:
     return status
 
 
-__all__ = ["DEFAULT_EMBEDDING_DIM", "EvolutionRuns", "ROUND_STATUSES"]
+__all__ = ["DEFAULT_EMBEDDING_DIM", "ROUND_STATUSES", "EvolutionRuns"]

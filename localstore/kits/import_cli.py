@@ -72,4 +72,4 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_import_sqlite)
 
 
-__all__ = ["register", "cmd_import_sqlite"]
+__all__ = ["cmd_import_sqlite", "register"]

@@ -59,7 +59,7 @@ def _secret(kind: type[ls.Field], **options: Any) -> ls.Field:
     return kind(encrypt=True, subject=_SUBJECT, **options)
 
 
-PROFILE_FIELDS: dict[str, ls.Field] = {
+PROFILE_FIELDS: dict[str, ls.Field | type[ls.Field]] = {
     "profile_id": ls.Text(),
     "user_id": _secret(ls.Text, blind_index=True),
     "learning_style": _secret(ls.Text),
@@ -74,7 +74,7 @@ PROFILE_FIELDS: dict[str, ls.Field] = {
     "ttl_expires_at": ls.Real(index=True),
 }
 
-SESSION_FIELDS: dict[str, ls.Field] = {
+SESSION_FIELDS: dict[str, ls.Field | type[ls.Field]] = {
     "session_id": ls.Text(),
     "profile_id": ls.Text(index=True),
     "started_at": ls.Real(index=True),
@@ -86,7 +86,7 @@ SESSION_FIELDS: dict[str, ls.Field] = {
     "notes": _secret(ls.Text, compress=True),
 }
 
-STATE_FIELDS: dict[str, ls.Field] = {
+STATE_FIELDS: dict[str, ls.Field | type[ls.Field]] = {
     "state_id": ls.Text(),
     "profile_id": ls.Text(index=True),
     "domain": _secret(ls.Text),
@@ -313,7 +313,7 @@ class LearningProfiles:
             raise ls.ValidationError(f"learning_profiles: no profile {profile_id!r} in {self.store.path}")
         return {
             "format": EXPORT_FORMAT,
-            "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+            "exported_at": _dt.datetime.now(_dt.UTC).isoformat(),
             "profile_id": profile_id,
             "forgotten": row["key_salt"] is ls.FORGOTTEN,
             "profile": _exportable(row),
@@ -377,4 +377,4 @@ def _exportable(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["EXPORT_FORMAT", "LearningProfiles", "PROFILE_SETTABLE", "ProfileForgottenError"]
+__all__ = ["EXPORT_FORMAT", "PROFILE_SETTABLE", "LearningProfiles", "ProfileForgottenError"]

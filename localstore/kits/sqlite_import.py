@@ -223,7 +223,7 @@ def infer_type(declared: str, values: list[Any]) -> str:
     kinds = {"int": 0, "float": 0, "str": 0, "bytes": 0}
     json_like = 0
     for v in values:
-        if isinstance(v, bool) or isinstance(v, int):
+        if isinstance(v, int):  # bool included
             kinds["int"] += 1
         elif isinstance(v, float):
             kinds["float"] += 1
@@ -471,7 +471,7 @@ def _target_collection(
             if value is not None:
                 samples[col].append(value)
     declared = {c[0]: c[1] for c in columns}
-    fields: dict[str, ls.Field] = {}
+    fields: dict[str, ls.Field | type[ls.Field]] = {}
     if key_col is None:
         fields[ROWID_FIELD] = ls.Integer()
     for col in cols:
@@ -540,6 +540,13 @@ def _write(coll: ls.Collection, batch: list[tuple[int, dict[str, Any]]], report:
 
 
 __all__ = [
-    "DEFAULT_BATCH_ROWS", "DEFAULT_INFER_SAMPLE", "ImportReport", "ROWID_FIELD", "SkippedRow",
-    "SqliteImportError", "convert", "import_sqlite_table", "infer_type",
+    "DEFAULT_BATCH_ROWS",
+    "DEFAULT_INFER_SAMPLE",
+    "ROWID_FIELD",
+    "ImportReport",
+    "SkippedRow",
+    "SqliteImportError",
+    "convert",
+    "import_sqlite_table",
+    "infer_type",
 ]
