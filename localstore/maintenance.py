@@ -233,10 +233,16 @@ def _verify_collection(db: apsw.Connection, sch: schema_mod.CollectionSchema, re
     if bad_rows:
         report.problems.append(f"collection {sch.name!r}: {bad_rows} rows have no matching change record")
     # The newest change of each key agrees with the table: put <=> row present with that seq.
-    mismatched = scalar(db, 
+    # A row pulled from another store after this key's newest local change legitimately
+    # differs from it (replica.py records such rows in _ls_origin).
+    pulled_later = ""
+    if scalar(db, "SELECT 1 FROM sqlite_schema WHERE name = '_ls_origin'"):
+        pulled_later = " AND NOT EXISTS (SELECT 1 FROM _ls_origin o WHERE o.coll = c.coll AND o.key = last.key AND o.hlc > c.hlc)"
+    mismatched = scalar(db,
         f"SELECT count(*) FROM (SELECT key, max(seq) AS seq FROM _ls_changes WHERE coll = ? GROUP BY key) last "
         f"JOIN _ls_changes c ON c.seq = last.seq LEFT JOIN {table} t ON t.{key} = last.key "
-        f"WHERE (c.op = {OP_PUT} AND (t._ls_seq IS NULL OR t._ls_seq != c.seq)) OR (c.op = {OP_DELETE} AND t.{key} IS NOT NULL)",
+        f"WHERE ((c.op = {OP_PUT} AND (t._ls_seq IS NULL OR t._ls_seq != c.seq)) OR (c.op = {OP_DELETE} AND t.{key} IS NOT NULL))"
+        + pulled_later,
         (sch.id,),
     )
     if mismatched:

@@ -314,6 +314,8 @@ def apply_remote(store: Store, collection: str, rows: Iterable[RemoteRow], curso
               "_ls_seq=excluded._ls_seq, _ls_hlc=excluded._ls_hlc")
     applied = 0
     max_hlc = 0
+    written: list[tuple[int, tuple[Any, ...]]] = []
+    removed: list[int] = []
     with store.transaction(), boundary(store.path, f"applying pulled rows to {collection!r}"):
         db = store._db
         _ensure_replica_tables(store)
@@ -342,12 +344,16 @@ def apply_remote(store: Store, collection: str, rows: Iterable[RemoteRow], curso
                 if tomb is not None and (row.hlc, row.store_id) <= (tomb[1], tomb[0]):
                     continue
             if row.values is None:
-                db.execute(f"DELETE FROM {table} WHERE {kcol} = ?", (key,))
+                gone = db.execute(f"DELETE FROM {table} WHERE {kcol} = ? RETURNING rowid", (key,)).fetchall()
+                removed += [int(r[0]) for r in gone]  # type: ignore[arg-type]
             else:
                 values = dict(row.values)
                 values[sch.key] = key
                 keep_seq = found[0] if found is not None and found[0] else PULLED_SEQ
-                db.execute(upsert, (*[values.get(n) for n in order], keep_seq, row.hlc))
+                binding = (*[values.get(n) for n in order], keep_seq, row.hlc)
+                db.execute(upsert, binding)
+                rowid = db.execute(f"SELECT rowid FROM {table} WHERE {kcol} = ?", (key,)).fetchone()
+                written.append((int(rowid[0]), binding))  # type: ignore[index]
             db.execute("INSERT OR REPLACE INTO _ls_origin(coll, key, store_id, hlc) VALUES(?, ?, ?, ?)",
                        (sch.id, key, row.store_id, row.hlc))
             applied += 1
@@ -360,9 +366,27 @@ def apply_remote(store: Store, collection: str, rows: Iterable[RemoteRow], curso
         if cursor is not None:
             db.execute("INSERT INTO _ls_subscriptions(collection, cursor) VALUES(?, ?) "
                        "ON CONFLICT(collection) DO UPDATE SET cursor = excluded.cursor", (collection, cursor))
-    if applied:
-        _reindex(coll)
+        _update_derived(coll, written, removed)
     return applied
+
+
+def _update_derived(coll: Any, written: list[tuple[int, tuple[Any, ...]]], removed: list[int]) -> None:
+    """Keep a collection's vec0/FTS indexes and vector caches in step with rows applied directly."""
+    derived = coll._derived
+    if derived.empty or not (written or removed):
+        return
+    db, store = coll.store._db, coll.store
+    rowids = [r for r, _ in written]
+    if removed:
+        derived.delete(db, removed)
+    if written:
+        # Every written row may have had index entries: treat all as replaced (old_max beyond any rowid).
+        derived.write(db, rowids, [b for _, b in written], old_max=2**63 - 1)
+    fpos = coll._filter_positions
+    for name, pos in coll._vector_positions.items():
+        changes: list[tuple[int, Any, Any]] = [(r, None, None) for r in removed]
+        changes += [(r, b[pos], tuple(b[p] for p in fpos)) for r, b in written]
+        store._vectors.note(coll.name, name, changes)
 
 
 def origin(store: Store, collection: str, key: Any) -> str | None:
