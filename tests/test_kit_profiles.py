@@ -197,3 +197,43 @@ def test_update_profile(kit: LearningProfiles) -> None:
         kit.update_profile(pid, key_salt=b"x")
     with pytest.raises(ls.ValidationError):
         kit.update_profile("missing", learning_style="x")
+
+
+def test_forget_reaches_the_central_copy_as_ciphertext_only(tmp_path: Path, key: str, pg_url: str, pg_schema: str) -> None:
+    """Sync ships personal values as ciphertext only; subject keys never leave the store, so forget covers Postgres."""
+    import psycopg
+    from localstore.sync import SyncEngine
+    from psycopg import sql
+
+    ws = ls.Workspace(tmp_path / "ws")
+    store = ws.open("tutor", key=key)
+    kit = LearningProfiles(store)
+    pid = _ada(kit)
+    engine = SyncEngine(ws, pg_url, schema=pg_schema, watch=False)
+    try:
+        engine.sync_now()
+        kit.forget(pid)
+        later = kit.create_profile(user_id="later@example.org")
+        kit.record_session(later, started_at=1.0)  # later writes still ship
+        kit.update_knowledge(later, "art", "color", mastery=0.1, confidence=0.1)
+        engine.sync_now()
+    finally:
+        engine.close()
+    with psycopg.connect(pg_url) as conn:
+        tables = [r[0] for r in conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (pg_schema,))]
+
+        def count(table: str) -> int:
+            query = sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(pg_schema), sql.Identifier(table))
+            return int(conn.execute(query).fetchone()[0])  # type: ignore[index]
+
+        # the rows did reach Postgres, so the scan below can fail
+        assert count("c_learning_profiles") == 2 and count("c_knowledge_states") == 3 and count("c_learning_sessions") == 2
+        dump = ""
+        for table in tables:
+            query = sql.SQL("SELECT t::text FROM {}.{} t").format(sql.Identifier(pg_schema), sql.Identifier(table))
+            dump += "\n".join(r[0] for r in conn.execute(query))
+    for secret in (CANARY, USER):
+        assert secret not in dump and secret.encode().hex() not in dump
+    ws.close()
+
