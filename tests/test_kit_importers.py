@@ -214,7 +214,7 @@ def test_cli_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["import-telemetry", str(path), str(db), "--quiet"]) == 0
     png = tmp_path / "run.png"
     assert main(["plot", str(db), "run", "-o", str(png)]) == 0
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "1 emergencies marked" in capsys.readouterr().out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "1 emergency events and 1 emergency steps marked" in capsys.readouterr().out
     assert main(["plot", str(db), "missing", "-o", str(png)]) == 1
     assert "no telemetry session 'missing'" in capsys.readouterr().err
     assert main(["plot", str(tmp_path / "absent.db"), "run", "-o", str(png)]) == 1

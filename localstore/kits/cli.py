@@ -77,26 +77,33 @@ def cmd_plot(args: argparse.Namespace) -> int:
         records = tm.session_records(args.session_id)
         events = tm.emergencies.find({"session_id": args.session_id}, order_by="timestamp")
     steps = [r["step"] for r in records]
-    fig, ax_phi = plt.subplots(figsize=(10, 4.5))
+    fig, (ax_phi, ax_kappa) = plt.subplots(2, 1, sharex=True, figsize=(10, 6))
     ax_phi.plot(steps, [r["phi"] if r["phi"] is not None else float("nan") for r in records],
-                color="tab:blue", lw=1, label="phi")
-    ax_phi.set_xlabel("step")
-    ax_phi.set_ylabel("phi", color="tab:blue")
-    ax_kappa = ax_phi.twinx()
+                color="tab:blue", lw=0.8, label="phi")
+    ax_phi.set_ylabel("phi")
     ax_kappa.plot(steps, [r["kappa_eff"] if r["kappa_eff"] is not None else float("nan") for r in records],
-                  color="tab:orange", lw=1, label="kappa_eff")
-    ax_kappa.set_ylabel("kappa_eff", color="tab:orange")
-    marked = sorted({r["step"] for r in records if r["emergency"]} | _event_steps(events, records))
-    for i, step in enumerate(marked):
-        ax_phi.axvline(step, color="tab:red", alpha=0.5, lw=1, label="emergency" if i == 0 else None)
-    ax_phi.set_title(f"session {args.session_id}: {len(records)} steps, {len(marked)} emergencies")
-    handles = [h for ax in (ax_phi, ax_kappa) for h in ax.get_legend_handles_labels()[0]]
-    ax_phi.legend(handles, [str(h.get_label()) for h in handles], loc="upper left", fontsize="small")
+                  color="tab:orange", lw=0.8, label="kappa_eff")
+    ax_kappa.set_ylabel("kappa_eff")
+    ax_kappa.set_xlabel("step")
+    # Flagged records: red dots on the phi curve; emergency events: dashed lines across both panels.
+    flagged = [r for r in records if r["emergency"] and r["phi"] is not None]
+    if flagged:
+        ax_phi.scatter([r["step"] for r in flagged], [r["phi"] for r in flagged], s=6, color="tab:red",
+                       zorder=3, label="emergency flag")
+    event_steps = sorted(_event_steps(events, records))
+    for ax in (ax_phi, ax_kappa):
+        for i, step in enumerate(event_steps):
+            ax.axvline(step, color="tab:red", alpha=0.7, lw=1, ls="--", label="emergency event" if i == 0 else None)
+        ax.legend(loc="upper right", fontsize="small")
+    marked = sorted({r["step"] for r in records if r["emergency"]} | set(event_steps))
+    ax_phi.set_title(f"session {args.session_id}: {len(records)} steps, {len(event_steps)} emergency events, "
+                     f"{len(flagged)} flagged steps")
     fig.tight_layout()
     fig.savefig(args.output, dpi=args.dpi)
     plt.close(fig)
     if not args.quiet:
-        print(f"wrote {args.output}: {len(records)} steps, {len(marked)} emergencies marked")
+        print(f"wrote {args.output}: {len(records)} steps, {len(event_steps)} emergency events and "
+              f"{len(marked)} emergency steps marked")
     return 0
 
 
