@@ -161,8 +161,7 @@ def test_delete_removes_the_kernel_and_its_parent_edges(kit: KernelGeometry) -> 
 
 
 def test_writes_are_atomic_with_the_caller_transaction(kit: KernelGeometry, store: ls.Store) -> None:
-    with pytest.raises(RuntimeError):
-        with store.transaction():
-            kit.save_kernel_snapshot("a", basin_coordinates=basin(1), parent_kernels=["p"])
-            raise RuntimeError("abort")
+    with pytest.raises(RuntimeError), store.transaction():
+        kit.save_kernel_snapshot("a", basin_coordinates=basin(1), parent_kernels=["p"])
+        raise RuntimeError("abort")
     assert kit.get("a") is None and kit.edges.count() == 0

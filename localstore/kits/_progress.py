@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, Any, Self
 
 #: Seconds between redraws on a terminal (0 redraws on every update).
 DEFAULT_REDRAW_INTERVAL = 0.1
@@ -77,7 +77,7 @@ class Progress:
             self.stream.flush()
         self._closed = True
 
-    def __enter__(self) -> Progress:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

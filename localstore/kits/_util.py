@@ -30,13 +30,13 @@ def to_epoch(value: Any, what: str) -> float:
         return float(value)
     if isinstance(value, str):
         try:
-            value = _dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+            value = _dt.datetime.fromisoformat(value)
         except ValueError:
             raise ls.ValidationError(f"{what}: {value!r} is not an ISO 8601 timestamp") from None
     if isinstance(value, _dt.datetime):
         if value.tzinfo is None:
-            value = value.replace(tzinfo=_dt.timezone.utc)
-        return value.timestamp()
+            value = value.replace(tzinfo=_dt.UTC)
+        return float(value.timestamp())
     raise ls.ValidationError(f"{what}: expected a timestamp (Unix seconds, datetime or ISO 8601), got {value!r}")
 
 
@@ -49,6 +49,7 @@ def finite(value: Any, what: str, *, low: float | None = None, high: float | Non
     """Check that a value is a finite real number (within [low, high] when given); return it as float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ls.ValidationError(f"{what}: expected a finite number, got {value!r}")
-    if (low is not None and value < low) or (high is not None and value > high):
+    number = float(value)
+    if (low is not None and number < low) or (high is not None and number > high):
         raise ls.ValidationError(f"{what}: expected a number in [{low}, {high}], got {value!r}")
-    return float(value)
+    return number

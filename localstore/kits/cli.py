@@ -110,9 +110,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def _event_steps(events: list[dict[str, Any]], records: list[dict[str, Any]]) -> set[int]:
     """Steps of emergency events: their own step, else the last record at or before their time."""
     import bisect
+    import itertools
 
     times = [r["timestamp"] for r in records]
-    ordered = all(a <= b for a, b in zip(times, times[1:]))
+    ordered = all(a <= b for a, b in itertools.pairwise(times))
     out = set()
     for e in events:
         if e["step"] is not None:

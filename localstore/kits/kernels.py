@@ -42,7 +42,7 @@ _TEXT_FIELDS = ("god_name", "domain", "element_group", "ecological_niche", "targ
 _COUNT_FIELDS = ("generation", "success_count", "failure_count")
 
 
-def kernel_fields(dim: int, metric: str) -> dict[str, ls.Field]:
+def kernel_fields(dim: int, metric: str) -> dict[str, ls.Field | type[ls.Field]]:
     """The ``kernel_geometry`` schema for a basin of ``dim`` dimensions ranked by ``metric``."""
     return {
         "kernel_id": ls.Text(),

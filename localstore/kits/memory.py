@@ -81,7 +81,7 @@ class AgentMemory:
                     )
                 embedding_dim = stored.dim  # type: ignore[attr-defined]
         self.embedding_dim = embedding_dim
-        fields: dict[str, ls.Field] = {
+        fields: dict[str, ls.Field | type[ls.Field]] = {
             "memory_id": ls.Text(),
             "timestamp": ls.Real(filter=True),
             "type": ls.Text(filter=True),

@@ -84,11 +84,11 @@ def encode_state(state: Mapping[str, Any] | None) -> bytes | None:
     if arrays:
         if any(a.dtype.kind in "OV" for a in arrays.values()):
             raise ls.ValidationError("checkpoints.state_dict: arrays must have a plain dtype (not object or structured)")
-        np.savez(buf, **arrays)
+        np.savez(buf, **arrays)  # type: ignore[arg-type]
     return _STATE_HEAD.pack(_STATE_MAGIC, len(head)) + head + buf.getvalue()
 
 
-def decode_state(blob: bytes | None) -> dict[str, Any] | None:
+def decode_state(blob: Any) -> dict[str, Any] | None:
     """Unpack what ``encode_state`` wrote."""
     if blob is None or blob is ls.FORGOTTEN:
         return None
@@ -508,7 +508,7 @@ class Telemetry:
     def latest_telemetry(self) -> dict[str, dict[str, Any]]:
         """The latest record (highest step) of every session that has one, by session id."""
         out = {}
-        for sid in self.sessions.keys():
+        for sid in self.sessions.keys():  # noqa: SIM118 (a Collection, not a dict)
             row = self.latest_record(sid)
             if row is not None:
                 out[sid] = row
