@@ -16,7 +16,7 @@ import builtins
 import contextlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -191,7 +191,7 @@ class Store:
         self,
         name: str,
         key: str | None = None,
-        fields: dict[str, Field | type[Field]] | None = None,
+        fields: Mapping[str, Field | type[Field]] | None = None,
         *,
         sync: bool = True,
         ttl: float | None = None,

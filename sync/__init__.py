@@ -26,6 +26,7 @@ from .errors import (
 from .replicate import pull, restore, subscribe
 from .status import StoreStatus, status
 from .url import redact, resolve_url
+from .views import DEFAULT_VIEWS_SCHEMA, KIT_TABLES, create_kit_views
 
 __all__ = [
     "DEFAULT_SCHEMA",
@@ -53,4 +54,7 @@ __all__ = [
     "state_table_name",
     "status",
     "subscribe",
+    "create_kit_views",
+    "KIT_TABLES",
+    "DEFAULT_VIEWS_SCHEMA",
 ]

@@ -20,6 +20,8 @@ EXAMPLES = {
     "daemon": ("Example:\n  LOCALSTORE_POSTGRES_URL=postgresql://sync:PASSWORD@db.lan/agents "
                "localstore sync daemon data/ 2>>sync.log"),
     "status": "Example:\n  localstore sync status data/ --json",
+    "views": ("Example:\n  localstore sync views --url postgresql://sync:PASSWORD@db.lan/agents\n"
+              "  psql ... -c 'SELECT agent, kernel_id, phi FROM agents.kernel_geometry ORDER BY phi DESC LIMIT 5'"),
     "restore": ("Example:\n  localstore restore kernel-7 --from postgresql://sync:PASSWORD@db.lan/agents "
                 "--to data/kernel-7.db"),
 }
@@ -151,6 +153,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_views(args: argparse.Namespace) -> int:
+    from .url import redact, resolve_url
+    from .views import DEFAULT_VIEWS_SCHEMA, create_kit_views
+
+    try:
+        url = resolve_url(args.url)
+        made = create_kit_views(url, views_schema=args.views_schema or DEFAULT_VIEWS_SCHEMA, **_schema(args))
+    except SyncError as exc:
+        return _fail(exc)
+    schema = args.views_schema or DEFAULT_VIEWS_SCHEMA
+    print(f"{redact(url)}: {len(made)} views in schema {schema}: {', '.join(made) or 'none (nothing synced yet)'}")
+    return 0
+
+
 def cmd_restore(args: argparse.Namespace) -> int:
     import os
 
@@ -214,6 +230,15 @@ def register(sub: Any) -> None:
     _common(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_status)
+
+    p = ss.add_parser("views", help="Create the agent kits' views (kernel_geometry, memories, ...) in Postgres.",
+                      description="Create or replace, in their own schema, a view per synced kit table under the "
+                                  "names the replaced systems used, plus latest_telemetry, best_checkpoints, "
+                                  "emergency_summary and session_stats.",
+                      epilog=EXAMPLES["views"], formatter_class=fmt)
+    _common(p)
+    p.add_argument("--views-schema", default=None, help="the schema for the views (default: agents)")
+    p.set_defaults(func=cmd_views)
 
     p = sub.add_parser("restore", help="Rebuild a store from the central Postgres (same id, rows and schema).",
                        description="Rebuild a store from the central Postgres (same id, rows and schema).",
