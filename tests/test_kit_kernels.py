@@ -165,3 +165,31 @@ def test_writes_are_atomic_with_the_caller_transaction(kit: KernelGeometry, stor
         kit.save_kernel_snapshot("a", basin_coordinates=basin(1), parent_kernels=["p"])
         raise RuntimeError("abort")
     assert kit.get("a") is None and kit.edges.count() == 0
+
+
+def test_concurrent_metric_updates_lose_no_increment(tmp_path: Path) -> None:
+    import threading
+
+    path = tmp_path / "shared.db"
+    with ls.open(path) as store:
+        KernelGeometry(store).save_kernel_snapshot("k", basin_coordinates=basin(1))
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            with ls.open(path) as own:  # one connection per thread, as for separate processes
+                kit = KernelGeometry(own)
+                for i in range(25):
+                    kit.update_kernel_metrics("k", phi=i / 25, success_delta=1, failure_delta=2)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with ls.open(path) as store:
+        row = KernelGeometry(store).get("k")
+    assert row is not None and (row["success_count"], row["failure_count"]) == (100, 200)

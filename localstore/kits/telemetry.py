@@ -46,6 +46,9 @@ MAX_STEP = 10**STEP_DIGITS - 1
 #: Records read per page when a session's records are scanned (``end_session``, stats).
 DEFAULT_PAGE = 20_000
 _STATE_MAGIC = b"LSCK"
+_RECORD_KEYS = frozenset({"session_id", "step", "timestamp", "phi", "kappa_eff", "regime", "basin_distance", "emergency"})
+# A float strictly between these is finite (NaN fails every comparison).
+_FINITE_MIN, _FINITE_MAX = float("-inf"), float("inf")
 _STATE_HEAD = struct.Struct("<4sI")
 
 
@@ -263,32 +266,45 @@ class Telemetry:
         """
         if not isinstance(record, Mapping):
             raise ls.ValidationError(f"telemetry_records: a record must be a dict, got {type(record).__name__}")
-        unknown = set(record) - {"session_id", "step", "timestamp", "phi", "kappa_eff", "regime", "basin_distance", "emergency"}
-        if unknown:
-            raise ls.ValidationError(f"telemetry_records: unknown field(s) {', '.join(sorted(unknown))}")
-        if record.get("session_id", session_id) != session_id:
+        if not _RECORD_KEYS.issuperset(record):
+            unknown = sorted(set(record) - _RECORD_KEYS)
+            raise ls.ValidationError(f"telemetry_records: unknown field(s) {', '.join(unknown)}")
+        get = record.get
+        if get("session_id", session_id) != session_id:
             raise ls.ValidationError(
                 f"telemetry_records: record of session {record['session_id']!r} given for session {session_id!r}"
             )
-        step = record.get("step")
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step <= MAX_STEP:
+        step = get("step")
+        if type(step) is not int:  # the common case skips the general checks
+            if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+                raise ls.ValidationError(f"telemetry_records: step must be an int in 0..{MAX_STEP}, got {step!r}")
+            step = int(step)
+        if not 0 <= step <= MAX_STEP:
             raise ls.ValidationError(f"telemetry_records: step must be an int in 0..{MAX_STEP}, got {step!r}")
-        step = int(step)
-        where = f"telemetry_records[{session_id!r}, step {step}]"
+        ts = get("timestamp")
+        emergency = get("emergency", False)
+        regime = get("regime")
         row: dict[str, Any] = {
-            "record_id": record_key(session_id, step), "session_id": session_id, "step": step,
-            "timestamp": now() if record.get("timestamp") is None else to_epoch(record["timestamp"], f"{where}.timestamp"),
-            "emergency": bool(record.get("emergency", False)),
+            "record_id": f"{session_id}#{step:0{STEP_DIGITS}d}", "session_id": session_id, "step": step,
+            "timestamp": ts,
+            "phi": get("phi"), "kappa_eff": get("kappa_eff"), "regime": regime, "basin_distance": get("basin_distance"),
+            "emergency": emergency,
         }
-        if not isinstance(record.get("emergency", False), (bool, np.bool_)):
-            raise ls.ValidationError(f"{where}.emergency: expected true or false, got {record['emergency']!r}")
+        if type(emergency) is not bool:
+            if not isinstance(emergency, np.bool_):
+                raise ls.ValidationError(
+                    f"telemetry_records[{session_id!r}, step {step}].emergency: expected true or false, got {emergency!r}"
+                )
+            row["emergency"] = bool(emergency)
+        if regime is not None and type(regime) is not str:
+            raise ls.ValidationError(f"telemetry_records[{session_id!r}, step {step}].regime: expected text, got {regime!r}")
+        if type(ts) is not float or not _FINITE_MIN < ts < _FINITE_MAX:
+            where = f"telemetry_records[{session_id!r}, step {step}].timestamp"
+            row["timestamp"] = now() if ts is None else to_epoch(ts, where)
         for name in ("phi", "kappa_eff", "basin_distance"):
-            value = record.get(name)
-            row[name] = None if value is None else finite(value, f"{where}.{name}")
-        regime = record.get("regime")
-        if regime is not None and not isinstance(regime, str):
-            raise ls.ValidationError(f"{where}.regime: expected text, got {regime!r}")
-        row["regime"] = regime
+            value = row[name]
+            if value is not None and (type(value) is not float or not _FINITE_MIN < value < _FINITE_MAX):
+                row[name] = finite(value, f"telemetry_records[{session_id!r}, step {step}].{name}")
         return row
 
     def record_telemetry(self, session_id: str, step: int, **fields: Any) -> str:
