@@ -12,8 +12,9 @@
     memory.tone_history()
 
 Collections (names as the systems they replace use them): ``memories``,
-``reflections``, ``tone_shifts``. Memory content, prompts and responses are
-zstd-compressed. Timestamps are Unix seconds (UTC).
+``reflections``, ``tone_shifts``. Memory content is zstd-compressed (so it reaches
+a central Postgres as compressed bytes); everything else is stored as is.
+Timestamps are Unix seconds (UTC).
 
 Recall scoring. Each candidate memory gets three parts, each in [0, 1]:
 
@@ -97,8 +98,8 @@ class AgentMemory:
         self.reflections = store.collection("reflections", key="reflection_id", fields={
             "reflection_id": ls.Text(),
             "timestamp": ls.Real(index=True),
-            "prompt": ls.Text(compress=True),
-            "response": ls.Text(compress=True),
+            "prompt": ls.Text(),                      # plain, so the central copy reads as text
+            "response": ls.Text(),
             "memory_context": ls.Json(default=[]),     # ids of the memories reflected on
             "emotional_state": ls.Json(),
             "insights": ls.Json(default=[]),
@@ -109,7 +110,7 @@ class AgentMemory:
             "from_tone": ls.Text(index=True),
             "to_tone": ls.Text(index=True),
             "trigger_type": ls.Text(index=True),
-            "trigger_content": ls.Text(compress=True),
+            "trigger_content": ls.Text(),
             "magnitude": ls.Real(),
         })
 
