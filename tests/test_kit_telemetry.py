@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -215,3 +217,15 @@ def test_large_batch(tm: Telemetry) -> None:
     assert row["total_steps"] == 100_000 and row["max_phi"] == pytest.approx(phi.max())
     assert row["avg_phi"] == pytest.approx(phi.mean())
     assert tm.latest_record(sid)["step"] == 99_999  # type: ignore[index]
+
+
+def test_basin_metric_is_checked_and_remembered(tmp_path: Path) -> None:
+    with pytest.raises(ls.SchemaError):
+        Telemetry(ls.open(tmp_path / "a.db"), basin_metric="l2")
+    with ls.open(tmp_path / "b.db") as store:
+        Telemetry(store, basin_metric="cosine")
+    with ls.open(tmp_path / "b.db") as store:
+        assert store.collection("basin_history").fields["basin_coords"].metric == "cosine"  # type: ignore[attr-defined]
+        Telemetry(store)
+        with pytest.raises(ls.SchemaError, match="cosine"):
+            Telemetry(store, basin_metric="fisher_rao")

@@ -40,6 +40,8 @@ from ._util import finite, new_id, now, to_epoch
 STATUSES = ("running", "completed", "failed", "aborted", "imported")
 HISTORY_ACTIONS = ("created", "loaded", "pruned", "ranked")
 BASIN_DIM = 64
+BASIN_METRICS = ("fisher_rao", "cosine")
+DEFAULT_BASIN_METRIC = "fisher_rao"
 #: Step numbers are zero-padded to this many digits in record keys.
 STEP_DIGITS = 12
 MAX_STEP = 10**STEP_DIGITS - 1
@@ -111,13 +113,23 @@ class Telemetry:
     """The telemetry and checkpoints kit on one store. Declares (or reopens) its collections.
 
     ``basin_metric`` (``"fisher_rao"`` or ``"cosine"``) ranks the 64-d ``basin_coords``
-    of checkpoints and basin history; it is fixed when the collections are first declared.
+    of checkpoints and basin history; it is fixed when the collections are first declared
+    (None: what the store holds, else ``"fisher_rao"``).
     """
 
-    def __init__(self, store: ls.Store, *, basin_metric: str = "fisher_rao") -> None:
+    def __init__(self, store: ls.Store, *, basin_metric: str | None = None) -> None:
         self.store = store
         if "checkpoints" in store:
-            basin_metric = store.collection("checkpoints").fields["basin_coords"].metric  # type: ignore[attr-defined]
+            stored = store.collection("checkpoints").fields["basin_coords"].metric  # type: ignore[attr-defined]
+            if basin_metric is not None and basin_metric != stored:
+                raise ls.SchemaError(
+                    f"{store.path}: checkpoints.basin_coords was declared with metric={stored!r}, not "
+                    f"{basin_metric!r}; pass basin_metric={stored!r} or use another store"
+                )
+            basin_metric = stored
+        basin_metric = DEFAULT_BASIN_METRIC if basin_metric is None else basin_metric
+        if basin_metric not in BASIN_METRICS:
+            raise ls.SchemaError(f"telemetry: basin_metric must be one of {BASIN_METRICS}, got {basin_metric!r}")
         self.sessions = store.collection("telemetry_sessions", key="session_id", fields={
             "session_id": ls.Text(),
             "started_at": ls.Real(index=True),
