@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/demo.py data/demo
+	$(PY) -m localstore demo --dir data/demo
 
 # The whole suite, soak tests included. Exit code 5 (no tests collected) is a failure.
 test: $(STAMP)

@@ -212,6 +212,12 @@ def cmd_expire(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    return demo.main(["--dir", args.dir] + (["--offline"] if args.offline else []))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for the ``localstore`` command."""
     parser = argparse.ArgumentParser(
@@ -267,6 +273,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="the store file")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_expire)
+    p = sub.add_parser(
+        "demo", help="Run the demo: 8 agents, kits, background sync to Postgres, a summary.",
+        description="Run the demo: 8 agent stores evolve kernels, remember, record telemetry and checkpoint "
+                    "while a background sync ships everything to Postgres (embedded unless "
+                    "LOCALSTORE_POSTGRES_URL is set); ends with a summary.",
+        epilog="Example:\n  localstore demo --dir data/demo", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dir", default="data/demo", help="the workspace folder to (re)create (default: data/demo)")
+    p.add_argument("--offline", action="store_true", help="run without Postgres")
+    p.set_defaults(func=cmd_demo)
     _register_sync_commands(sub)
     _register_kit_commands(sub)
     return parser
