@@ -616,7 +616,7 @@ def bench_dim(report: Report, scratch: Scratch, sizes: Sizes, dim: int) -> None:
 
 
 def bench_quantized(report: Report, scratch: Scratch, sizes: Sizes, *, isotropic: bool) -> None:
-    """engine='vec0' on int8 and bit quantized fields (rescored in float): latency and recall@10."""
+    """engine='vec0' on an int8 quantized field (rescored in float): latency and recall@10."""
     n, dim = sizes.rows, 384
     data = "isotropic" if isotropic else "clustered"
     tag = f"q384.{data}"
@@ -634,18 +634,17 @@ def bench_quantized(report: Report, scratch: Scratch, sizes: Sizes, *, isotropic
                 "id": ls.Text(),
                 "kind": ls.Text(filter=True),
                 "int8": ls.Vector(dim, quantize="int8"),
-                "bit": ls.Vector(dim, quantize="bit"),
             },
         )
         for start in range(0, n, 50_000):
             block = matrix[start : start + 50_000]
             coll.put_many(
                 [
-                    {"id": key_of(start + i), "kind": kind_of(start + i), "int8": v, "bit": v}
+                    {"id": key_of(start + i), "kind": kind_of(start + i), "int8": v}
                     for i, v in enumerate(block)
                 ]
             )
-        answers: dict[str, dict[int, Any]] = {"int8": {}, "bit": {}, "auto": {}, "blas": {}}
+        answers: dict[str, dict[int, Any]] = {"int8": {}, "auto": {}, "blas": {}}
         cases = [
             query_case(
                 f"{tag}.int8",
@@ -653,13 +652,6 @@ def bench_quantized(report: Report, scratch: Scratch, sizes: Sizes, *, isotropic
                 lambda q: coll.nearest("int8", q, k=K, engine="vec0"),
                 queries,
                 answers["int8"],
-            ),
-            query_case(
-                f"{tag}.bit",
-                f"{size}  nearest vec0 bit (oversampled, float rescore)",
-                lambda q: coll.nearest("bit", q, k=K, engine="vec0"),
-                queries,
-                answers["bit"],
             ),
             query_case(
                 f"{tag}.auto",
@@ -687,7 +679,6 @@ def bench_quantized(report: Report, scratch: Scratch, sizes: Sizes, *, isotropic
     expected = truth(matrix, queries)
     for name, label, approximate in (
         ("int8", "nearest vec0 int8", True),
-        ("bit", "nearest vec0 bit", True),
         ("auto", "nearest auto (exact)", False),
     ):
         got = {i: [index_of(h.key) for h in hits] for i, hits in answers[name].items()}
@@ -701,7 +692,7 @@ def bench_quantized(report: Report, scratch: Scratch, sizes: Sizes, *, isotropic
                 0.95 if approximate else None,
             )
         )
-    for name, label in (("int8", "vec0 int8"), ("bit", "vec0 bit")):
+    for name, label in (("int8", "vec0 int8"),):
         report.figure(
             Figure(
                 f"{tag}.{name}.p50",

@@ -345,10 +345,10 @@ class Vector(Field):
             raise SchemaError(f"Vector dim must be an int between 1 and 8192, got {dim!r}")
         if metric not in VECTOR_METRICS:
             raise SchemaError(f"Vector metric must be one of {', '.join(VECTOR_METRICS)}; got {metric!r}")
-        if quantize not in (None, "int8", "bit"):
-            raise SchemaError(f"Vector quantize must be None, 'int8' or 'bit'; got {quantize!r}")
-        if quantize == "bit" and dim % 8:
-            raise SchemaError(f"Vector quantize='bit' needs a dim that is a multiple of 8, got {dim}")
+        if quantize not in (None, "int8"):
+            # Binary quantization was measured at recall@10 0.49 on isotropic data even with 64x
+            # oversampling: below the 0.95 floor every approximate path must keep, so it is not offered.
+            raise SchemaError(f"Vector quantize must be None or 'int8'; got {quantize!r}")
         self.dim = dim
         self.metric = metric
         self.quantize = quantize

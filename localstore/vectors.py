@@ -2,7 +2,7 @@
 
 The row table is the source of truth (it holds the vector too); the vec0 table
 is derived and rebuilt by ``store.reindex()``. Each vec0 row has the row's rowid,
-the vector (as float32, or quantized to int8 or bits), and one metadata column
+the vector (as float32, or quantized to int8), and one metadata column
 per ``filter=True`` field of the collection, so filtered KNN runs inside vec0
 and returns exactly ``min(k, matching)`` hits.
 
@@ -33,8 +33,8 @@ VEC0_METRIC = {"cosine": "cosine", "l2": "L2", "l1": "L1", "fisher_rao": "cosine
 
 #: Candidates fetched from vec0 per wanted hit before exact float64 rescoring, by index type.
 #: Float indexes only need a margin against float32 rounding; quantized ones need more:
-#: int8 keeps recall@10 near 0.97 at 8x, bit (one bit per dimension) needs far more.
-DEFAULT_OVERSAMPLE = {None: 2, "int8": 8, "bit": 64}
+#: int8 keeps recall@10 at 0.95-1.0 with 8x (measured by benchmarks/run.py vectors).
+DEFAULT_OVERSAMPLE: dict[str | None, int] = {None: 2, "int8": 8}
 
 _SENTINEL_TEXT = "\x00localstore:null"
 _SENTINEL_INT = -(2**63)
@@ -113,7 +113,7 @@ class VectorIndex:
         self.filter_pos = [order.index(n) for n in self.filters]
         self.sentinels = [_sentinel(schema.fields[n]) for n in self.filters]
         quant = field.quantize
-        self.value_sql = {None: "?", "int8": "vec_quantize_int8(?, 'unit')", "bit": "vec_quantize_binary(?)"}[quant]
+        self.value_sql = {None: "?", "int8": "vec_quantize_int8(?, 'unit')"}[quant]
         cols = ", ".join(["rowid", "embedding", *(_meta(n) for n in self.filters)])
         marks = ", ".join(["?", self.value_sql, *("?" for _ in self.filters)])
         self.sql_insert = f"INSERT INTO {self.table}({cols}) VALUES({marks})"
@@ -124,8 +124,8 @@ class VectorIndex:
     def ddl(self) -> str:
         """The CREATE VIRTUAL TABLE statement for this index."""
         dim = self.field.dim
-        kind = {None: f"float[{dim}]", "int8": f"int8[{dim}]", "bit": f"bit[{dim}]"}[self.field.quantize]
-        metric = "" if self.field.quantize == "bit" else f" distance_metric={VEC0_METRIC[self.field.metric]}"
+        kind = {None: f"float[{dim}]", "int8": f"int8[{dim}]"}[self.field.quantize]
+        metric = f" distance_metric={VEC0_METRIC[self.field.metric]}"
         meta = "".join(f", {_meta(n)} {_VEC0_TYPES[type(self.schema.fields[n])]}" for n in self.filters)
         return f"CREATE VIRTUAL TABLE IF NOT EXISTS {self.table} USING vec0(embedding {kind}{metric}{meta})"
 
