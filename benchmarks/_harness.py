@@ -408,3 +408,25 @@ def render(report: Report) -> str:
     for note in report.notes:
         out.append(f"note: {note}")
     return "\n".join(out)
+
+
+class Scratch:
+    """Hands out fresh file paths in one temporary folder and deletes each store's files."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._n = 0
+
+    def path(self, stem: str) -> str:
+        """A path that no file has used yet in this run."""
+        self._n += 1
+        return os.path.join(self.root, f"{stem}-{self._n}.db")
+
+    @staticmethod
+    def remove(path: str) -> None:
+        """Delete a store file and its -wal and -shm companions."""
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            try:
+                os.remove(path + suffix)
+            except FileNotFoundError:
+                pass

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import apsw
-from _harness import Case, Figure, Report, english_text, log, measure, time_once
+from _harness import Case, Figure, Report, Scratch, english_text, log, measure, time_once
 
 import localstore as ls
 from localstore._sqlite import DEFAULT_CACHE_KIB, connect
@@ -101,28 +101,6 @@ def make_rows(count: int, *, text_bytes: int = 500, seed: int = 7) -> list[dict[
 
 
 # -- contenders ---------------------------------------------------------------------------
-
-
-class Scratch:
-    """Hands out fresh file paths in one temporary folder and deletes each store's files."""
-
-    def __init__(self, root: str) -> None:
-        self.root = root
-        self._n = 0
-
-    def path(self, stem: str) -> str:
-        """A path that no file has used yet in this run."""
-        self._n += 1
-        return os.path.join(self.root, f"{stem}-{self._n}.db")
-
-    @staticmethod
-    def remove(path: str) -> None:
-        """Delete a store file and its -wal and -shm companions."""
-        for suffix in ("", "-wal", "-shm", "-journal"):
-            try:
-                os.remove(path + suffix)
-            except FileNotFoundError:
-                pass
 
 
 def new_collection(path: str, *, sync: bool = True) -> tuple[ls.Store, ls.Collection]:

