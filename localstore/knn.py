@@ -33,6 +33,16 @@ _COMPARE: dict[str, Callable[[Any, Any], Any]] = {
 }
 
 
+def _member(values: np.ndarray, wanted: Sequence[Any], dtype: Any) -> np.ndarray:
+    """``values`` in ``wanted``: a few comparisons for short lists (np.isin sorts, which costs more)."""
+    if len(wanted) <= 8:
+        out = np.zeros(len(values), dtype=bool)
+        for w in wanted:
+            out |= values == w
+        return out
+    return np.isin(values, np.asarray(wanted, dtype=dtype))
+
+
 class FilterColumn:
     """One filter field's values by slot: text as integer codes, numbers as int64 or float64, with a null mask."""
 
@@ -79,7 +89,7 @@ class FilterColumn:
             wanted = [v for v in wanted if v is not None]
             if self.kind == "text":
                 wanted = [self.codes[v] for v in wanted if v in self.codes]
-            hit = np.isin(values, np.asarray(wanted, dtype=self.dtype)) & ~null
+            hit = _member(values, wanted, self.dtype) & ~null
             if op == "in":
                 return hit | null if has_null else hit
             return ~hit & ~null
@@ -91,7 +101,7 @@ class FilterColumn:
                 code = self.codes.get(value)
                 return (values == code) & ~null if code is not None else np.zeros(size, dtype=bool)
             allowed = [c for text, c in self.codes.items() if compare(text, value)]
-            return np.isin(values, np.asarray(allowed, dtype=np.int64)) & ~null
+            return _member(values, allowed, np.int64) & ~null
         return np.asarray(compare(values, value)) & ~null
 
 
@@ -238,32 +248,47 @@ class VectorCache:
         return np.asarray(np.abs(diff).sum(axis=1))
 
     def search(self, queries: np.ndarray, k: int, mask: np.ndarray | None = None) -> list[list[tuple[int, float]]]:
-        """The ``k`` nearest (rowid, distance) per query among ``mask`` (default: all live), nearest first."""
+        """The ``k`` nearest (rowid, distance) per query among ``mask`` (default: all live), nearest first.
+
+        Ranking runs in float32 over every slot; a margin of candidates is rescored in
+        float64 so rounding cannot reorder the results or blur the distances. With a
+        mask, the best slots overall are over-fetched in proportion to how selective the
+        mask is; if enough of them pass it, the true nearest passing slots are among them
+        (every passing slot outside is farther), else the passing slots are ranked alone.
+        """
         queries = np.atleast_2d(queries).astype(np.float32, copy=False)
         if mask is None and self.dead:
             mask = self.alive[: self.size]
         allowed = self.size if mask is None else int(np.count_nonzero(mask))
         if not allowed or k <= 0:
             return [[] for _ in range(len(queries))]
-        # A selective mask ranks only its slots; a broad one ranks all and pushes the rest to +inf.
-        candidates = np.flatnonzero(mask) if mask is not None and allowed * 2 < self.size else None
         ranking = self.distances(queries)
-        if mask is not None and candidates is None:
-            ranking[:, ~mask] = np.inf
         prepared = self._prepare(queries.astype(np.float64))
         want = min(k, allowed)
+        margin = want * DEFAULT_RESCORE + 16
+        need = min(allowed, margin)
+        candidates: np.ndarray | None = None
         results: list[list[tuple[int, float]]] = []
         for qi in range(len(queries)):
-            dist = ranking[qi] if candidates is None else ranking[qi, candidates]
-            # Rank in float32, then rescore a margin of candidates in float64 so that rounding
-            # cannot reorder the results or blur the distances returned.
-            take = min(len(dist), want * DEFAULT_RESCORE + 16)
-            top = np.argpartition(dist, take - 1)[:take] if take < len(dist) else np.arange(len(dist))
-            if candidates is None:
-                top = top[np.isfinite(dist[top])]
-                slots = top
+            dist = ranking[qi]
+            slots = None
+            if mask is None:
+                take = min(self.size, margin)
+                slots = np.argpartition(dist, take - 1)[:take] if take < self.size else np.arange(self.size)
             else:
-                slots = candidates[top]
+                take = int(margin * 2 * self.size / allowed)
+                if take < self.size // 4:
+                    top = np.argpartition(dist, take - 1)[:take]
+                    top = top[mask[top]]
+                    if len(top) >= need:
+                        slots = top
+                if slots is None:
+                    if candidates is None:
+                        candidates = np.flatnonzero(mask)
+                    sub = dist[candidates]
+                    take = min(len(sub), margin)
+                    top = np.argpartition(sub, take - 1)[:take] if take < len(sub) else np.arange(len(sub))
+                    slots = candidates[top]
             exact = self._exact(self.matrix[slots].astype(np.float64), prepared[qi])
             rowids = self.rowids[slots]
             order = np.lexsort((rowids, exact))[:want]
