@@ -37,7 +37,7 @@ def test_kit_views_answer_plain_sql(tmp_path: Path, pg_url: str, pg_schema: str)
         sid = tel.start_session(f"s{a}")
         tel.record_telemetry_many(sid, [{"step": s, "phi": 0.5 + 0.01 * s, "kappa_eff": 64.0} for s in range(20)])
         tel.record_emergency(sid, reason="phi collapse", severity="critical", metric="phi", value=0.1, threshold=0.2)
-        tel.save_checkpoint(sid, phi=0.9 + a, basin_coords=_basin(rng), state_dict={"w": np.eye(2)})
+        tel.save_checkpoint(sid, phi=0.9 + a, basin_coords=target if a == 1 else _basin(rng), state_dict={"w": np.eye(2)})
         tel.record_basin(sid, 19, _basin(rng), phi=0.7)
         tel.end_session(sid)
         memory = AgentMemory(store)
@@ -80,8 +80,8 @@ def test_kit_views_answer_plain_sql(tmp_path: Path, pg_url: str, pg_schema: str)
         nearest = q("SELECT agent, kernel_id FROM {s}.kernel_geometry ORDER BY basin_coordinates <=> %s::vector LIMIT 1",
                     str(target.tolist()))
         assert nearest == [("agent-2", "k2-4")]
-        best = q("SELECT agent FROM {s}.checkpoints ORDER BY basin_coords <=> basin_coords, phi DESC LIMIT 1")
-        assert best == [("agent-2",)]
+        closest = q("SELECT agent FROM {s}.checkpoints ORDER BY basin_coords <=> %s::vector LIMIT 1", str(target.tolist()))
+        assert closest == [("agent-1",)]
         latest = q("SELECT agent, session_id, step FROM {s}.latest_telemetry ORDER BY agent")
         assert latest == [(f"agent-{a}", f"s{a}", 19) for a in range(3)]
         assert [r[0] for r in q("SELECT phi FROM {s}.best_checkpoints")] == [2.9, 1.9, 0.9]
