@@ -115,21 +115,33 @@ class Figure:
     target_op: str | None = None
     target: float | None = None
     note: str = ""
+    #: Our side and each peer's side of a ratio, as printed (``"12.3 ms"``), for the combined table.
+    ours: str = ""
+    peers: dict[str, str] = field(default_factory=dict)
+    #: Why the figure could not be measured (a peer not installed); empty when it was.
+    skipped: str = ""
 
     @property
     def met(self) -> bool | None:
-        """Whether the target is met; None when the figure has no target."""
-        if self.target_op is None or self.target is None:
+        """Whether the target is met; None when the figure has no target or was skipped."""
+        if self.target_op is None or self.target is None or self.skipped:
             return None
         return TARGET_OPS[self.target_op](self.value, self.target)
 
     def to_json(self) -> dict[str, Any]:
         """The figure as a JSON-ready dict."""
-        out: dict[str, Any] = {"label": self.label, "value": self.value, "unit": self.unit}
+        value = None if self.skipped else self.value
+        out: dict[str, Any] = {"label": self.label, "value": value, "unit": self.unit}
         if self.target_op is not None:
             out["target"] = {"op": self.target_op, "value": self.target, "met": self.met}
         if self.note:
             out["note"] = self.note
+        if self.ours:
+            out["ours"] = self.ours
+        if self.peers:
+            out["peers"] = dict(self.peers)
+        if self.skipped:
+            out["skipped"] = self.skipped
         return out
 
 
@@ -241,6 +253,15 @@ def time_once(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+#: Set to 1 to shrink every ``--quick`` size further, for smoke tests (figures are then meaningless).
+TINY_ENV = "LOCALSTORE_BENCH_TINY"
+
+
+def is_tiny() -> bool:
+    """Whether ``LOCALSTORE_BENCH_TINY`` asks for tiny sizes (smoke tests only)."""
+    return os.environ.get(TINY_ENV, "") not in ("", "0")
 
 
 def log(message: str) -> None:
@@ -400,9 +421,10 @@ def render(report: Report) -> str:
         if f.target_op is not None and f.target is not None:
             target = f"{f.target_op} {fmt_value(f.target, f.unit)}"
         marker = {True: "pass", False: "MISS", None: ""}[f.met]
-        rows.append([f.label, fmt_value(f.value, f.unit), target, marker, f.note])
+        value = "skipped" if f.skipped else fmt_value(f.value, f.unit)
+        rows.append([f.label, value, target, marker, f.skipped or f.note])
     headers, right = ["figure", "value", "target", "", "note"], [False, True, False, False, False]
-    if not any(f.note for f in report.figures.values()):
+    if not any(f.note or f.skipped for f in report.figures.values()):
         headers, right, rows = headers[:-1], right[:-1], [r[:-1] for r in rows]
     out += _table(headers, rows, right)
     for note in report.notes:

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from _harness import Case, Figure, Report, english_text, log, measure
+from _harness import Case, Figure, Report, english_text, is_tiny, log, measure
 
 import localstore as ls
 from localstore import dictionaries
@@ -46,6 +46,8 @@ class Sizes:
 
 FULL = Sizes(records=100_000, batch=10_000, repeat=3, decode=20_000, decode_repeat=5)
 QUICK = Sizes(records=10_000, batch=2_500, repeat=2, decode=5_000, decode_repeat=3)
+#: ``LOCALSTORE_BENCH_TINY=1`` (smoke tests): every section runs, on sizes too small to mean anything.
+TINY = Sizes(records=2_000, batch=500, repeat=1, decode=500, decode_repeat=1)
 
 
 def make_records(count: int, seed: int = 11) -> list[dict[str, Any]]:
@@ -230,7 +232,7 @@ def bench_decrypt(report: Report, root: str, records: list[dict[str, Any]], size
 
 def run(quick: bool = False) -> Report:
     """Run the codecs benchmark; ``quick`` shrinks every size so it finishes in a few seconds."""
-    sizes = QUICK if quick else FULL
+    sizes = TINY if is_tiny() else QUICK if quick else FULL
     report = Report("codecs", quick, params=dict(asdict(sizes)))
     report.params["zstd_level"] = dictionaries.DEFAULT_LEVEL
     started = time.perf_counter()

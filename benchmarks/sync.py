@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from _harness import Case, Figure, Report, english_text, log, measure
+from _harness import Case, Figure, Report, english_text, is_tiny, log, measure
 from localstore.sync import SyncEngine
 from localstore.sync.embedded import postgres_url
 from psycopg import sql
@@ -60,6 +60,9 @@ FULL = Sizes(drain_changes=1_000_000, drain_stores=10, drain_repeat=1, lag_store
              lag_seconds=20, idle_seconds=10, pickup_stores=1_000)
 QUICK = Sizes(drain_changes=50_000, drain_stores=10, drain_repeat=1, lag_stores=50, lag_rate=1_000,
               lag_seconds=3, idle_seconds=2, pickup_stores=50)
+#: ``LOCALSTORE_BENCH_TINY=1`` (smoke tests): every section runs, on sizes too small to mean anything.
+TINY = Sizes(drain_changes=1_000, drain_stores=2, drain_repeat=1, lag_stores=4, lag_rate=100,
+             lag_seconds=1, idle_seconds=0.5, pickup_stores=4)
 
 FIELDS = {"id": ls.Text(), "text": ls.Text(), "importance": ls.Real(), "kind": ls.Text(), "ts": ls.Integer()}
 KINDS = ("observation", "reflection", "plan", "dialogue", "fact")
@@ -281,7 +284,7 @@ def bench_daemon(report: Report, url: str, root: str, sizes: Sizes) -> None:
 
 def run(quick: bool = False) -> Report:
     """Run the sync benchmark; ``quick`` shrinks every size so it finishes in well under a minute."""
-    sizes = QUICK if quick else FULL
+    sizes = TINY if is_tiny() else QUICK if quick else FULL
     report = Report("sync", quick, params=dict(asdict(sizes)))
     started = time.perf_counter()
     with postgres() as url, tempfile.TemporaryDirectory(prefix="localstore-bench-") as root:

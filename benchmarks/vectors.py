@@ -29,7 +29,7 @@ from typing import Any
 
 import apsw
 import numpy as np
-from _harness import Case, Figure, Report, Scratch, Timing, log, measure
+from _harness import Case, Figure, Report, Scratch, Timing, is_tiny, log, measure
 
 import localstore as ls
 from localstore._sqlite import connect
@@ -89,6 +89,22 @@ QUICK = Sizes(
     sweep=(),
     sweep_dim=64,
     sweep_queries=10,
+    warmup=1,
+)
+#: ``LOCALSTORE_BENCH_TINY=1`` (smoke tests): every section runs, on sizes too small to mean anything.
+TINY = Sizes(
+    rows=2_000,
+    dims=(8, 64, 384),
+    queries=3,
+    batch=10,
+    batch_repeat=1,
+    build_repeat=1,
+    insert_rows=500,
+    insert_repeat=1,
+    insert_dim=384,
+    sweep=(),
+    sweep_dim=64,
+    sweep_queries=3,
     warmup=1,
 )
 
@@ -952,7 +968,7 @@ def plot_latency(
 
 def run(quick: bool = False) -> Report:
     """Run the vectors benchmark; ``quick`` shrinks every size so it finishes in a few seconds."""
-    sizes = QUICK if quick else FULL
+    sizes = TINY if is_tiny() else QUICK if quick else FULL
     params: dict[str, Any] = {k: v for k, v in asdict(sizes).items() if k not in ("sweep", "dims")}
     params["dims"] = "/".join(map(str, sizes.dims))
     if sizes.sweep:
