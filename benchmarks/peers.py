@@ -59,6 +59,7 @@ class Sizes:
     queries: int
     insert_repeat: int
     checkpoints: int
+    kit_checkpoints: int  # the kit's puts (whole threads); its cost grows with thread length
     steps_per_thread: int
     ckpt_repeat: int
     pg_rows: int  # COPY, batch and sync
@@ -67,11 +68,11 @@ class Sizes:
 
 
 FULL = Sizes(vec_rows=100_000, dim=384, queries=20, insert_repeat=1, checkpoints=10_000,
-             steps_per_thread=100, ckpt_repeat=1, pg_rows=100_000, pg_single=5_000, pg_repeat=2)
+             kit_checkpoints=10_000, steps_per_thread=100, ckpt_repeat=1, pg_rows=100_000, pg_single=5_000, pg_repeat=2)
 QUICK = Sizes(vec_rows=10_000, dim=384, queries=10, insert_repeat=1, checkpoints=1_000,
-              steps_per_thread=100, ckpt_repeat=1, pg_rows=10_000, pg_single=1_000, pg_repeat=1)
+              kit_checkpoints=200, steps_per_thread=100, ckpt_repeat=1, pg_rows=10_000, pg_single=1_000, pg_repeat=1)
 TINY = Sizes(vec_rows=2_000, dim=384, queries=3, insert_repeat=1, checkpoints=20,
-             steps_per_thread=10, ckpt_repeat=1, pg_rows=300, pg_single=50, pg_repeat=1)
+             kit_checkpoints=20, steps_per_thread=10, ckpt_repeat=1, pg_rows=300, pg_single=50, pg_repeat=1)
 
 
 def _vectors_module() -> Any:
@@ -314,7 +315,9 @@ def bench_vectors(report: Report, scratch: Scratch, sizes: Sizes) -> None:
 
 CKPT_FIGURES = [
     ("ckpt.vs_langgraph", "checkpoint puts, ~64 KB state: ours / SqliteSaver (speed)", "x", ">=", 2.0),
-    ("ckpt.size_vs_langgraph", "checkpoint file size after the puts: ours / SqliteSaver", "x", "<", 1.0),
+    ("ckpt.size_vs_langgraph", "checkpoint file size per checkpoint: ours / SqliteSaver", "x", "<", 1.0),
+    ("ckpt.plain_vs_langgraph", "checkpoint puts, plain collection (no re-rank) / SqliteSaver (speed)", "x", None, None),
+    ("ckpt.plain_size_vs_langgraph", "file size per checkpoint, plain collection / SqliteSaver", "x", None, None),
 ]
 
 
@@ -339,12 +342,13 @@ def bench_checkpoints(report: Report, scratch: Scratch, sizes: Sizes) -> None:
     raw = sum(a.nbytes for a in pool[0].values() if isinstance(a, np.ndarray)) + len(json.dumps(pool[0]["messages"]))
     report.params["ckpt_state_bytes"] = raw
     report.params["ckpt_threads"] = max(1, n // per)
+    report.params["ckpt_kit_puts"] = min(n, sizes.kit_checkpoints)
 
     saver_mod, why = _try_import("langgraph.checkpoint.sqlite")
     base_mod = None
     if saver_mod is not None:
         base_mod, why = _try_import("langgraph.checkpoint.base")
-    sizes_on_disk: dict[str, list[int]] = {"ours": [], "langgraph": []}
+    sizes_on_disk: dict[str, list[int]] = {"ours": [], "langgraph": [], "plain": []}
 
     def ours_setup() -> tuple[str, Any, Any]:
         from localstore.kits.telemetry import Telemetry
@@ -353,21 +357,45 @@ def bench_checkpoints(report: Report, scratch: Scratch, sizes: Sizes) -> None:
         store = ls.open(path)
         return path, store, Telemetry(store)
 
+    kit_n = min(n, sizes.kit_checkpoints)
+
     def ours_run(state: tuple[str, Any, Any]) -> None:
         tm = state[2]
         sid = None
-        for i, s in enumerate(states):
+        for i, s in enumerate(states[:kit_n]):
             if i % per == 0:
                 sid = tm.start_session()
             tm.save_checkpoint(sid, phi=0.5 + (i % 97) / 200, kappa=64.0, regime="geometric", state_dict=s)
+
+    def plain_setup() -> tuple[str, Any, Any]:
+        path = scratch.path("ckpt-plain")
+        store = ls.open(path)
+        return path, store, store.collection("checkpoints", key="id", fields={
+            "id": ls.Text(), "thread": ls.Text(filter=True), "step": ls.Integer(),
+            "phi": ls.Real(filter=True), "state": ls.Blob(compress=True)})
+
+    def plain_run(state: tuple[str, Any, Any]) -> None:
+        from localstore.kits.telemetry import encode_state
+
+        coll = state[2]
+        for i, s in enumerate(states):
+            coll.put({"id": f"t{i // per}#{i:08d}", "thread": f"t{i // per}", "step": i,
+                      "phi": 0.5 + (i % 97) / 200, "state": encode_state(s)})
+
+    def plain_teardown(state: tuple[str, Any, Any]) -> None:
+        state[1].close()
+        sizes_on_disk["plain"].append(sum(os.path.getsize(state[0] + s) for s in ("", "-wal") if os.path.exists(state[0] + s)))
+        Scratch.remove(state[0])
 
     def ours_teardown(state: tuple[str, Any, Any]) -> None:
         state[1].close()
         sizes_on_disk["ours"].append(sum(os.path.getsize(state[0] + s) for s in ("", "-wal") if os.path.exists(state[0] + s)))
         Scratch.remove(state[0])
 
-    cases = [Case("ckpt.ours", ours_run, ours_setup, ours_teardown, items=n, unit="put",
-                  label="ours: Telemetry.save_checkpoint (arrays as .npz, zstd)")]
+    cases = [Case("ckpt.ours", ours_run, ours_setup, ours_teardown, items=kit_n, unit="put",
+                  label=f"ours: Telemetry.save_checkpoint (.npz + JSON, zstd; re-ranks the thread), {kit_n:,} puts"),
+             Case("ckpt.plain", plain_run, plain_setup, plain_teardown, items=n, unit="put",
+                  label="ours: plain collection put of the same encoded state (no re-rank, no history)")]
 
     def lg_setup() -> tuple[str, Any, Any]:
         path = scratch.path("ckpt-langgraph")
@@ -401,21 +429,29 @@ def bench_checkpoints(report: Report, scratch: Scratch, sizes: Sizes) -> None:
     except Exception as exc:  # noqa: BLE001
         log(f"peers checkpoints: LangGraph failed ({exc!r}); ours alone")
         why, saver_mod = f"failed: {type(exc).__name__}: {exc}", None
-        sizes_on_disk = {"ours": [], "langgraph": []}
-        report.add(*measure(cases[:1], sizes.ckpt_repeat, progress="peers checkpoints (ours)"))
-    ours_t = report.timings["ckpt.ours"]
-    ours_mb = sizes_on_disk["ours"][-1] / 1e6
-    report.figure(Figure("ckpt.ours_rate", "checkpoint puts, ours", ours_t.rate, "puts/s"))
-    report.figure(Figure("ckpt.ours_mb", f"checkpoint file after {n:,} puts, ours", ours_mb, "MB"))
+        sizes_on_disk = {"ours": [], "langgraph": [], "plain": []}
+        report.add(*measure(cases[:2], sizes.ckpt_repeat, progress="peers checkpoints (ours)"))
+    ours_t, plain_t = report.timings["ckpt.ours"], report.timings["ckpt.plain"]
+    # per checkpoint, since the kit may run fewer puts (whole threads of the same length) in --quick
+    ours_kb = sizes_on_disk["ours"][-1] / 1e3 / kit_n
+    plain_kb = sizes_on_disk["plain"][-1] / 1e3 / n
+    report.figure(Figure("ckpt.ours_rate", "checkpoint puts, ours (telemetry kit)", ours_t.rate, "puts/s"))
+    report.figure(Figure("ckpt.ours_kb", "file size per checkpoint, ours (telemetry kit)", ours_kb, "KB"))
+    report.figure(Figure("ckpt.plain_rate", "checkpoint puts, ours as a plain collection", plain_t.rate, "puts/s",
+                         ours=f"{plain_t.rate:,.0f} puts/s; {plain_kb:,.1f} KB per checkpoint"))
     if saver_mod is None or base_mod is None or "ckpt.langgraph" not in report.timings:
         _skip(report, CKPT_FIGURES, why)
         return
     lg_t = report.timings["ckpt.langgraph"]
-    lg_mb = sizes_on_disk["langgraph"][-1] / 1e6
+    lg_kb = sizes_on_disk["langgraph"][-1] / 1e3 / n
     report.figure(Figure(*CKPT_FIGURES[0][:2], ours_t.rate / lg_t.rate, "x", *CKPT_FIGURES[0][3:],
                          ours=f"{ours_t.rate:,.0f} puts/s", peers={"SqliteSaver": f"{lg_t.rate:,.0f} puts/s"}))
-    report.figure(Figure(*CKPT_FIGURES[1][:2], ours_mb / lg_mb, "x", *CKPT_FIGURES[1][3:],
-                         ours=f"{ours_mb:,.1f} MB", peers={"SqliteSaver": f"{lg_mb:,.1f} MB"}))
+    report.figure(Figure(*CKPT_FIGURES[1][:2], ours_kb / lg_kb, "x", *CKPT_FIGURES[1][3:],
+                         ours=f"{ours_kb:,.1f} KB/checkpoint", peers={"SqliteSaver": f"{lg_kb:,.1f} KB/checkpoint"}))
+    report.figure(Figure(*CKPT_FIGURES[2][:2], plain_t.rate / lg_t.rate, "x", *CKPT_FIGURES[2][3:],
+                         ours=f"{plain_t.rate:,.0f} puts/s", peers={"SqliteSaver": f"{lg_t.rate:,.0f} puts/s"}))
+    report.figure(Figure(*CKPT_FIGURES[3][:2], plain_kb / lg_kb, "x", *CKPT_FIGURES[3][3:],
+                         ours=f"{plain_kb:,.1f} KB/checkpoint", peers={"SqliteSaver": f"{lg_kb:,.1f} KB/checkpoint"}))
 
 
 # -- postgres direct ------------------------------------------------------------------------------
