@@ -282,6 +282,143 @@ def run_campaign(iterations: int, folder: Path, seed: int | None = None, max_del
     return fig
 
 
+# -- sync kills -------------------------------------------------------------------------------------
+
+
+@dataclass
+class SyncFigures:
+    kills_mid_batch: int = 0
+    kills_in_window: int = 0  # Postgres had committed a batch whose watermark write had not happened
+    window_gap_changes: int = 0  # changes committed centrally but not acknowledged locally, summed over window kills
+    resyncs: int = 0
+    not_converged: int = 0  # central differs from local after the resync (must be 0)
+    integrity_errors: int = 0
+    seconds: float = 0.0
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.not_converged or self.integrity_errors or self.failures)
+
+
+def _sync_write(store: Any, rng: random.Random, count: int) -> None:
+    import localstore as ls
+
+    coll = store.collection("events", key="id", fields={"id": ls.Text(), "n": ls.Integer(), "phi": ls.Real(),
+                                                      "meta": ls.Json()})
+    keys = rng.sample(range(3 * count), count)
+    coll.put_many([{"id": f"e{k}", "n": i, "phi": rng.random(), "meta": {"i": i}} for i, k in enumerate(keys)])
+    coll.delete_many([f"e{rng.randrange(3 * count)}" for _ in range(count // 20)])
+
+
+def _central_last_seq(url: str, schema: str, store_id: str) -> int:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(url) as conn:
+        row = conn.execute(sql.SQL("SELECT last_seq FROM {} WHERE store_id = %s").format(
+            sql.Identifier(schema, "stores")), (store_id,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def run_sync_campaign(kills: int, folder: Path, url: str, schema: str, seed: int | None = None) -> SyncFigures:
+    """SIGKILL ``localstore sync once`` ``kills`` times: alternately at a random moment mid-batch, and in the
+    window after Postgres committed a batch but before the store's watermark moved.
+
+    The window is made, without touching the engine, by holding one store's SQLite write lock: the
+    daemon ships and commits a batch to Postgres, then waits on the lock to write the watermark; the
+    kill lands while Postgres' ``last_seq`` is ahead of the watermark. After each kill a full resync
+    runs and central must equal local (``_sync_workers.assert_converged``).
+    """
+    import apsw
+    from _sync_workers import assert_converged
+
+    import localstore as ls
+
+    seed = random.randrange(2**32) if seed is None else seed
+    rng = random.Random(seed)
+    fig = SyncFigures()
+    start = time.monotonic()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(HERE.parent), env.get("PYTHONPATH", "")])
+    ws = ls.Workspace(folder / "sync-ws")
+    stores = [ws.open(f"s{i}") for i in range(2)]
+    cmd = [sys.executable, "-m", "localstore", "sync", "once", ws.path, "--url", url, "--schema", schema,
+           "--batch-rows", "100", "--quiet"]
+    try:
+        for k in range(kills):
+            window = k % 2 == 1
+            where = f"seed {seed} sync kill {k} ({'window' if window else 'mid-batch'})"
+            for s in stores:
+                _sync_write(s, rng, 600)
+            target = rng.choice(stores)
+            lock = None
+            if window:
+                lock = apsw.Connection(target.path)
+                lock.set_busy_timeout(10_000)
+                lock.execute("BEGIN IMMEDIATE")
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            try:
+                deadline = time.monotonic() + 60
+                if window:
+                    mark = target.changelog.watermark()
+                    while _central_last_seq(url, schema, target.id) <= mark:
+                        if proc.poll() is not None or time.monotonic() > deadline:
+                            raise RuntimeError(f"{where}: no batch reached Postgres while the watermark was held")
+                        time.sleep(0.01)
+                    time.sleep(rng.uniform(0, 0.05))
+                else:
+                    marks = [s.changelog.watermark() for s in stores]
+                    while [s.changelog.watermark() for s in stores] == marks and proc.poll() is None:
+                        if time.monotonic() > deadline:
+                            raise RuntimeError(f"{where}: nothing shipped")
+                        time.sleep(0.002)
+                    time.sleep(rng.uniform(0, 0.1))
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGKILL)
+                proc.wait(timeout=60)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                if lock is not None:
+                    lock.execute("ROLLBACK")
+                    lock.close()
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                if proc.stderr:
+                    proc.stderr.close()
+            if proc.returncode == -signal.SIGKILL:
+                if window:
+                    gap = _central_last_seq(url, schema, target.id) - target.changelog.watermark()
+                    if gap <= 0:
+                        fig.failures.append(f"{where}: the kill missed the window (gap {gap})")
+                    fig.kills_in_window += 1
+                    fig.window_gap_changes += max(gap, 0)
+                else:
+                    fig.kills_mid_batch += 1
+            elif proc.returncode != 0:
+                fig.failures.append(f"{where}: sync exited {proc.returncode}: {err[-500:]}")
+            final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+            fig.resyncs += 1
+            if final.returncode != 0:
+                fig.failures.append(f"{where}: the resync failed: {final.stderr[-500:]}")
+                continue
+            for s in stores:
+                try:
+                    assert_converged(url, schema, s)
+                except AssertionError as exc:
+                    fig.not_converged += 1
+                    fig.failures.append(f"{where}: {s.name} central != local: {str(exc)[:300]}")
+                report = s.verify()
+                if not report.ok:
+                    fig.integrity_errors += len(report.problems)
+                    fig.failures.append(f"{where}: {s.name}: {report.problems[:3]}")
+    finally:
+        ws.close()
+    fig.seconds = round(time.monotonic() - start, 1)
+    return fig
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--child":
@@ -292,11 +429,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--dir", type=Path, help="where the stores go (default: a temporary folder)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--sync-kills", type=int, default=0,
+                        help="also SIGKILL the sync daemon this many times (half in the commit/watermark window)")
+    parser.add_argument("--url", help="Postgres for --sync-kills (default: $LOCALSTORE_POSTGRES_URL, else an embedded one)")
+    parser.add_argument("--schema", default="crash_campaign")
     args = parser.parse_args(argv)
     folder = args.dir or Path(tempfile.mkdtemp(prefix="crash-campaign-"))
     fig = run_campaign(args.iterations, folder, args.seed, progress=not args.json)
+    sync_fig = None
+    if args.sync_kills:
+        import contextlib
+
+        url = args.url or os.environ.get("LOCALSTORE_POSTGRES_URL")
+        with contextlib.ExitStack() as stack:
+            if not url:
+                from localstore.sync.embedded import postgres_url
+
+                url = stack.enter_context(postgres_url())
+            sync_fig = run_sync_campaign(args.sync_kills, folder, url, args.schema, args.seed)
+    ok = fig.ok and (sync_fig is None or sync_fig.ok)
     if args.json:
-        print(json.dumps({**asdict(fig), "ok": fig.ok}, indent=2))
+        print(json.dumps({**asdict(fig), "ok": fig.ok, "sync": asdict(sync_fig) if sync_fig else None}, indent=2))
     else:
         print(f"iterations {fig.iterations} (SIGKILL: normal {fig.kills['normal']}, full {fig.kills['full']}) in {fig.seconds}s")
         print(f"acknowledged writes {fig.acknowledged_writes}, lost {fig.acknowledged_lost}, torn {fig.torn_writes}, "
@@ -304,7 +457,14 @@ def main(argv: list[str] | None = None) -> int:
               f"in-flight call committed {fig.in_flight_committed}")
         for line in fig.failures[:20]:
             print("  " + line)
-    return 0 if fig.ok else 1
+        if sync_fig is not None:
+            print(f"sync kills: mid-batch {sync_fig.kills_mid_batch}, in the commit/watermark window "
+                  f"{sync_fig.kills_in_window} ({sync_fig.window_gap_changes} changes committed but unacknowledged), "
+                  f"resyncs {sync_fig.resyncs}, not converged {sync_fig.not_converged}, "
+                  f"integrity errors {sync_fig.integrity_errors} in {sync_fig.seconds}s")
+            for line in sync_fig.failures[:20]:
+                print("  " + line)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -25,3 +25,19 @@ def test_crash_campaign(tmp_path: Path) -> None:
     assert fig.integrity_errors == 0, "\n".join(fig.failures[:20])
     assert fig.changelog_mismatches == 0, "\n".join(fig.failures[:20])
     assert not fig.failures
+
+
+SYNC_KILLS = int(os.environ.get("LOCALSTORE_SYNC_CRASH_KILLS", "10"))
+
+
+def test_sync_crash_campaign(tmp_path: Path, pg_url: str, pg_schema: str) -> None:
+    from campaign_crash import run_sync_campaign
+
+    fig = run_sync_campaign(SYNC_KILLS, tmp_path, pg_url, pg_schema)
+    print(f"\nsync crash campaign: mid-batch {fig.kills_mid_batch}, window {fig.kills_in_window} "
+          f"({fig.window_gap_changes} changes committed centrally but unacknowledged), resyncs {fig.resyncs}, "
+          f"{fig.seconds}s")
+    assert not fig.failures, "\n".join(fig.failures[:20])
+    assert fig.kills_in_window == SYNC_KILLS // 2 and fig.window_gap_changes > 0
+    assert fig.kills_mid_batch > 0
+    assert fig.not_converged == 0 and fig.integrity_errors == 0
