@@ -100,7 +100,13 @@ HEADERS = ["bench", "figure", "ours", "peers / baseline", "ratio", "target", ""]
 def render_combined(reports: dict[str, Report]) -> str:
     """One table across every benchmark that ran."""
     rows = combined_rows({n: r.to_json() for n, r in reports.items()})
-    return "\n".join(_table(HEADERS, rows, [False, False, True, False, True, False, False]))
+    lines = _table(HEADERS, rows, [False, False, True, False, True, False, False])
+    lines.append("")
+    lines.append("elapsed: " + ", ".join(f"{n} {r.elapsed_s:.1f} s" for n, r in reports.items())
+                 + f"; total {sum(r.elapsed_s for r in reports.values()):.1f} s")
+    for name, report in reports.items():
+        lines += [f"note ({name}): {note}" for note in report.notes]
+    return "\n".join(lines)
 
 
 def write_results(reports: dict[str, Report], env: dict[str, Any], quick: bool) -> Path:
