@@ -398,7 +398,7 @@ def run_sync_campaign(kills: int, folder: Path, url: str, schema: str, seed: int
                     fig.kills_mid_batch += 1
             elif proc.returncode != 0:
                 fig.failures.append(f"{where}: sync exited {proc.returncode}: {err[-500:]}")
-            final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+            final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
             fig.resyncs += 1
             if final.returncode != 0:
                 fig.failures.append(f"{where}: the resync failed: {final.stderr[-500:]}")

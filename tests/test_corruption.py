@@ -24,7 +24,7 @@ import os
 import random
 import shutil
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +183,7 @@ def test_store_file_flips_are_detected_and_never_misread_encrypted_fields(
     "UnicodeDecodeError (apsw decodes the text outside the apsw.Error boundary) instead of CorruptStoreError; "
     "one in a compressed Array's dtype header raises a raw numpy TypeError instead of CodecError"))
 def test_store_file_flips_never_crash(store_file_outcomes: tuple[Outcomes, list[str]]) -> None:
-    out, crashes = store_file_outcomes
+    _, crashes = store_file_outcomes
     assert not crashes, f"{len(crashes)} crashes:\n" + "\n".join(crashes[:10])
 
 
@@ -269,7 +269,7 @@ def value_campaign(path: Path, conn: apsw.Connection, rows: list[dict[str, Any]]
                 row = coll.get(key)
             except ls.LocalStoreError as exc:
                 out[f"detected ({type(exc).__name__})"] += 1
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 out[f"crash {type(exc).__name__}"] += 1
                 crashes.append(f"{field} of {key}, byte {pos}/{len(data)}: {exc!r}")
                 if not keep_going:
@@ -421,7 +421,7 @@ def test_verify_names_the_damage_and_a_backup_restores(tmp_path: Path) -> None:
     finally:
         conn.close()
     assert index is not None
-    name, root = index
+    _, root = index
     data[(root - 1) * page] = 0x0D if data[(root - 1) * page] != 0x0D else 0x05
     path.write_bytes(bytes(data))
     with ls.open(path, key=KEY) as store:

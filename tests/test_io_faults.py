@@ -20,7 +20,6 @@ while the operation runs (and ``unix`` again while the result is checked).
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -74,7 +73,7 @@ class FaultVFS(apsw.VFS):
             self.fired += 1
             raise InjectedFault(f"injected {kind} fault at call {count}")
 
-    def xOpen(self, name: Any, flags: Any) -> FaultFile:  # noqa: N802 (apsw's names)
+    def xOpen(self, name: Any, flags: Any) -> FaultFile:
         return FaultFile(self, name, flags)
 
 
@@ -83,19 +82,19 @@ class FaultFile(apsw.VFSFile):
         self.vfs = vfs
         super().__init__(BASE_VFS, name, flags)
 
-    def xRead(self, amount: int, offset: int) -> bytes:  # noqa: N802
+    def xRead(self, amount: int, offset: int) -> bytes:
         self.vfs.hit("read")
         return super().xRead(amount, offset)
 
-    def xWrite(self, data: Any, offset: int) -> None:  # noqa: N802
+    def xWrite(self, data: Any, offset: int) -> None:
         self.vfs.hit("write")
         super().xWrite(data, offset)
 
-    def xSync(self, flags: int) -> None:  # noqa: N802
+    def xSync(self, flags: int) -> None:
         self.vfs.hit("sync")
         super().xSync(flags)
 
-    def xLock(self, level: int) -> None:  # noqa: N802
+    def xLock(self, level: int) -> None:
         self.vfs.hit("lock")
         super().xLock(level)
 
@@ -139,7 +138,7 @@ def snapshot(path: Path, key: str = KEY) -> dict[str, Any]:
         out: dict[str, Any] = {"key": key}
         for name in store.collections():
             coll = store.collection(name)
-            out[name] = sorted((repr(k), repr(sorted(r.items()))) for k, r in ((k, coll.get(k)) for k in coll.keys()))
+            out[name] = sorted((repr(k), repr(sorted(r.items()))) for k, r in ((k, coll.get(k)) for k in list(coll.keys())))
         out["changes"] = [(c.seq, c.collection, c.key, c.op) for c in store.changelog.changes(0, limit=1_000_000)]
         out["watermark"] = store.changelog.watermark()
         out["last_seq"] = store.changelog.last_seq()
@@ -375,19 +374,18 @@ def test_full_disk_is_a_clear_error_loses_nothing_and_recovers(tmp_path: Path) -
     with ls.open(path, key=KEY) as store:
         coll = store.collection("items", key="k", fields=ITEM_FIELDS)
         coll.put_many([item(i) for i in range(50)])
-        before = snapshot_rows = {k: coll.get(k) for k in coll.keys()}
+        before = snapshot_rows = {k: coll.get(k) for k in list(coll.keys())}
         pages = store._db.execute("PRAGMA page_count").fetchone()[0]
         store._db.execute(f"PRAGMA max_page_count={pages + 2}")
         big = [{"k": f"big{i}", "n": i, "body": "x" * 4000, "secret": "y" * 100} for i in range(200)]
         with pytest.raises(ls.LocalStoreError, match="disk is full") as info:
             coll.put_many(big)
         assert not isinstance(info.value, apsw.Error)
-        with pytest.raises(ls.LocalStoreError, match="disk is full"):
-            with store.transaction():
-                coll.put(item(1000))
-                store.collection("more", key="id", fields={"id": ls.Integer(), "blob": ls.Blob()}).put(
-                    {"id": 1, "blob": b"z" * 50_000})
-        assert {k: coll.get(k) for k in coll.keys()} == before
+        with pytest.raises(ls.LocalStoreError, match="disk is full"), store.transaction():
+            coll.put(item(1000))
+            store.collection("more", key="id", fields={"id": ls.Integer(), "blob": ls.Blob()}).put(
+                {"id": 1, "blob": b"z" * 50_000})
+        assert {k: coll.get(k) for k in list(coll.keys())} == before
         assert store.verify().ok
         last = store.changelog.last_seq()
         # Free space: delete rows; small writes then fit again.
