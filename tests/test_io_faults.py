@@ -162,6 +162,7 @@ class Case:
     state: Callable[[Path], dict[str, Any]] = snapshot
     stride: int = 1  # try every stride-th N beyond the first 40 (long operations)
     expect: Callable[[dict[str, Any], dict[str, Any]], bool] = lambda before, after: True
+    durability: str = "normal"
 
 
 def prep_items(path: Path) -> None:
@@ -231,7 +232,9 @@ def run_ack(store: ls.Store, path: Path) -> None:
 
 CASES = {
     "put_many": Case("put_many", prep_items, run_put_many),
+    "put_many_full": Case("put_many_full", prep_items, run_put_many, durability="full"),
     "transaction": Case("transaction", prep_items, run_transaction),
+    "transaction_full": Case("transaction_full", prep_items, run_transaction, durability="full"),
     "backup": Case("backup", prep_backup, run_backup, state=backup_state, stride=3),
     "rotate_key": Case("rotate_key", prep_items, run_rotate, state=snapshot_any_key),
     "train_dictionary": Case("train_dictionary", prep_training, run_training, stride=7,
@@ -264,7 +267,7 @@ def one_run(vfs: FaultVFS, case: Case, template: Path, work: Path, kind: str, n:
     path = work / "store.db"
     error: BaseException | None = None
     with on_shim():
-        store = ls.open(path, key=KEY)
+        store = ls.open(path, key=KEY, durability=case.durability)
         vfs.arm(kind, n, persistent)
         try:
             case.run(store, path)
@@ -311,7 +314,7 @@ def sweep(vfs: FaultVFS, case: Case, tmp_path: Path, kinds: tuple[str, ...] = KI
     before = case.state(template / "store.db")
     ref = tmp_path / "reference"
     shutil.copytree(template, ref)
-    with on_shim(), ls.open(ref / "store.db", key=KEY) as store:
+    with on_shim(), ls.open(ref / "store.db", key=KEY, durability=case.durability) as store:
         case.run(store, ref / "store.db")
     after = case.state(ref / "store.db")
     assert after != before, f"{case.name}: the operation changed nothing"
