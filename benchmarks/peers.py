@@ -68,7 +68,7 @@ class Sizes:
 
 
 FULL = Sizes(vec_rows=100_000, dim=384, queries=20, insert_repeat=1, checkpoints=10_000,
-             kit_checkpoints=10_000, steps_per_thread=100, ckpt_repeat=1, pg_rows=100_000, pg_single=5_000, pg_repeat=2)
+             kit_checkpoints=1_000, steps_per_thread=100, ckpt_repeat=1, pg_rows=100_000, pg_single=5_000, pg_repeat=2)
 QUICK = Sizes(vec_rows=10_000, dim=384, queries=10, insert_repeat=1, checkpoints=1_000,
               kit_checkpoints=100, steps_per_thread=100, ckpt_repeat=1, pg_rows=10_000, pg_single=1_000, pg_repeat=1)
 TINY = Sizes(vec_rows=2_000, dim=384, queries=3, insert_repeat=1, checkpoints=20,

