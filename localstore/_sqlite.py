@@ -188,6 +188,14 @@ def boundary(store: str, action: str = "") -> Iterator[None]:
         yield
     except apsw.Error as exc:
         raise translate(exc, store, action) from None
+    except UnicodeDecodeError as exc:
+        # apsw decodes TEXT outside its own error types: invalid UTF-8 in a stored value
+        # can only come from damage to the file.
+        doing = f" while {action}" if action else ""
+        raise CorruptStoreError(
+            f"{store}: a stored text value is not valid UTF-8 ({exc.reason}){doing}; the file is damaged. "
+            "Run store.verify(), then restore from a backup or from Postgres"
+        ) from None
 
 
 def quote(identifier: str) -> str:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import crypto
-from ._sqlite import quote
+from ._sqlite import boundary, quote
 from .dictionaries import DEFAULT_MIN_VALUE_BYTES, Dictionaries, FieldCompressor
 from .errors import (
     CodecError,
@@ -202,18 +202,19 @@ class FieldCodec:
         out: list[bytes] = []
         total = 0
         column = quote(self.name)
-        cursor = self.store._db.execute(
-            f"SELECT {column} FROM {quote(self.collection)} WHERE {column} IS NOT NULL ORDER BY rowid DESC"
-        )
-        for (stored,) in cursor:
-            try:
-                value = self.book.decompress(stored)
-            except (LookupError, CodecError):
-                continue
-            out.append(value)
-            total += len(value)
-            if total >= limit:
-                break
+        with boundary(self.store.path, f"reading samples of {self.collection}.{self.name} to train a dictionary"):
+            cursor = self.store._db.execute(
+                f"SELECT {column} FROM {quote(self.collection)} WHERE {column} IS NOT NULL ORDER BY rowid DESC"
+            )
+            for (stored,) in cursor:
+                try:
+                    value = self.book.decompress(stored)
+                except (LookupError, CodecError):
+                    continue
+                out.append(value)
+                total += len(value)
+                if total >= limit:
+                    break
         return out
 
     # -- read ----------------------------------------------------------------------------

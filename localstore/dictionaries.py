@@ -91,7 +91,7 @@ _SHUF = struct.Struct(">BI")
 
 def _compressor(dict_data: zstd.ZstdCompressionDict | None = None) -> zstd.ZstdCompressor:
     return zstd.ZstdCompressor(
-        level=DEFAULT_LEVEL, dict_data=dict_data, write_checksum=False, write_content_size=True, write_dict_id=False
+        level=DEFAULT_LEVEL, dict_data=dict_data, write_checksum=True, write_content_size=True, write_dict_id=False
     )
 
 
@@ -185,6 +185,9 @@ class Dictionaries:
             raise CodecError(f"damaged zstd frame ({exc})") from None
         except struct.error:
             raise CodecError("truncated compressed value") from None
+        except (MemoryError, OverflowError, ValueError):
+            # A damaged frame header can claim an absurd content size (zstd then tries to allocate it).
+            raise CodecError("damaged zstd frame header (impossible content size)") from None
         raise CodecError(f"unknown compression flag {flag}")
 
     def train(self, coll: str, field: str, samples: list[bytes]) -> tuple[int, int, float] | None:

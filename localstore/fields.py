@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .errors import NotYetSupportedError, SchemaError, ValidationError
+from .errors import CorruptStoreError, NotYetSupportedError, SchemaError, ValidationError
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
@@ -317,15 +317,21 @@ class Array(Field):
 
 def decode_array(stored: bytes) -> np.ndarray:
     """Turn bytes written by ``Array.encode`` back into a writable numpy array."""
-    magic, length = _ARRAY_HEAD.unpack_from(stored)
-    if magic != _ARRAY_MAGIC:
-        raise ValidationError("stored value is not a localstore array (bad header)")
-    start = _ARRAY_HEAD.size
-    # rpartition: the dtype string itself may contain "|" (e.g. "|u1"); the shape never does.
-    dtype_str, _, shape_str = stored[start : start + length].decode("ascii").rpartition("|")
-    shape = tuple(int(part) for part in shape_str.split(",") if part)
-    data = np.frombuffer(stored, dtype=np.dtype(dtype_str), offset=start + length)
-    return data.reshape(shape).copy()
+    try:
+        magic, length = _ARRAY_HEAD.unpack_from(stored)
+        if magic != _ARRAY_MAGIC:
+            raise ValueError("bad magic")
+        start = _ARRAY_HEAD.size
+        # rpartition: the dtype string itself may contain "|" (e.g. "|u1"); the shape never does.
+        dtype_str, _, shape_str = stored[start : start + length].decode("ascii").rpartition("|")
+        shape = tuple(int(part) for part in shape_str.split(",") if part)
+        dtype = np.dtype(dtype_str)
+        if dtype.kind in "OV":
+            raise ValueError(f"dtype {dtype_str!r} is not a plain dtype")
+        data = np.frombuffer(stored, dtype=dtype, offset=start + length)
+        return data.reshape(shape).copy()
+    except (ValueError, TypeError, struct.error, UnicodeDecodeError) as exc:
+        raise CorruptStoreError(f"a stored array is damaged ({exc}); run store.verify() and restore from a backup") from None
 
 
 class Vector(Field):

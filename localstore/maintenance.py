@@ -16,7 +16,7 @@ from . import schema as schema_mod
 from ._sqlite import boundary, create_private_file, quote, retry_busy, scalar, translate
 from .collection import OP_DELETE, OP_PUT
 from .derived import DerivedIndexes
-from .errors import BackupError, LocalStoreError
+from .errors import BackupError, CorruptStoreError, LocalStoreError
 from .keys import withhold_subject_keys
 
 if TYPE_CHECKING:
@@ -58,7 +58,8 @@ def backup(store: Store, path: str, *, progress: Callable[[int, int], Any] | Non
                     f"store {store.path}: backup cannot run inside this store's own transaction; call it after the block"
                 )
             source = store._db
-            dest = apsw.Connection(tmp)
+            with boundary(tmp, "opening the backup file"):
+                dest = apsw.Connection(tmp)
             try:
                 with boundary(store.path, "taking a backup"):
                     # One step copies everything under one read snapshot: writers in
@@ -69,8 +70,12 @@ def backup(store: Store, path: str, *, progress: Callable[[int, int], Any] | Non
                             progress(job.page_count, job.page_count)
                     dest.execute("PRAGMA journal_mode=DELETE")
                     withhold_subject_keys(dest)  # so forget() later reaches this copy too (keys.py)
+            except SystemError as exc:
+                # apsw's backup object can report a failed final step this way under I/O faults.
+                raise BackupError(f"backup of {store.path} to {path} failed: {exc}") from None
             finally:
-                dest.close()
+                with contextlib.suppress(apsw.Error):
+                    dest.close()
         # A WAL left beside an older copy would be replayed onto the new file and
         # corrupt it, so it goes before the new copy takes the name.
         for suffix in ("-wal", "-shm"):
@@ -129,7 +134,11 @@ def verify(store: Store) -> VerifyReport:
         try:
             _verify_in_snapshot(store, db, report)
         finally:
-            db.execute("COMMIT")
+            try:
+                db.execute("COMMIT")
+            except apsw.Error:  # a read on damaged pages can leave the snapshot unable to commit
+                with contextlib.suppress(apsw.Error):
+                    db.execute("ROLLBACK")
         return report
 
 
@@ -137,6 +146,32 @@ def _verify_in_snapshot(store: Store, db: apsw.Connection, report: VerifyReport)
     report.integrity = [str(r[0]) for r in db.execute("PRAGMA integrity_check")]
     if report.integrity != ["ok"]:
         report.problems += [f"integrity_check: {line}" for line in report.integrity]
+        _name_damaged_trees(db, report)
+    try:
+        _verify_contents(store, db, report)
+    except (apsw.CorruptError, CorruptStoreError, UnicodeDecodeError) as exc:
+        # The later checks read the damaged pages; the report already names them.
+        if report.integrity == ["ok"]:
+            raise
+        report.problems.append(f"further checks stopped at damaged data ({exc}); restore from a backup")
+
+
+def _name_damaged_trees(db: apsw.Connection, report: VerifyReport) -> None:
+    """Turn integrity_check's b-tree root pages ("Tree 8") into the tables and indexes they hold."""
+    import re
+
+    roots = sorted({int(m) for line in report.integrity for m in re.findall(r"Tree (\d+)", line)})
+    with contextlib.suppress(apsw.Error):
+        for root in roots:
+            found = db.execute("SELECT type, name FROM sqlite_schema WHERE rootpage = ?", (root,)).fetchone()
+            if found is not None:
+                report.problems.append(
+                    f"damaged {found[0]} {found[1]!r} (tree {root}): "
+                    + ("rebuild it with REINDEX or restore a backup" if found[0] == "index" else "restore a backup")
+                )
+
+
+def _verify_contents(store: Store, db: apsw.Connection, report: VerifyReport) -> None:
     fk = db.execute("PRAGMA foreign_key_check").fetchall()
     if fk:
         report.problems.append(f"foreign_key_check found {len(fk)} violations")

@@ -20,7 +20,7 @@ import apsw
 
 from . import clock
 from ._sqlite import quote, scalar
-from .errors import NotAStoreError, SchemaError
+from .errors import CorruptStoreError, NotAStoreError, SchemaError
 from .fields import KEY_TYPES, Field
 from .names import check_identifier
 
@@ -129,7 +129,13 @@ def load_schema(conn: apsw.Connection, name: str) -> CollectionSchema | None:
     if row is None:
         return None
     cid, stored_name, key, fields_json, sync, ttl = row
-    fields = {fname: Field.from_spec(spec).bind(stored_name, fname) for fname, spec in json.loads(fields_json).items()}
+    try:
+        specs = json.loads(fields_json)
+        fields = {fname: Field.from_spec(spec).bind(stored_name, fname) for fname, spec in specs.items()}
+    except (ValueError, TypeError, AttributeError, KeyError, SchemaError) as exc:
+        raise CorruptStoreError(
+            f"the stored schema of collection {name!r} is damaged ({exc}); restore the store from a backup"
+        ) from None
     return CollectionSchema(cid, stored_name, key, fields, bool(sync), ttl)
 
 

@@ -30,7 +30,7 @@ class Workspace:
             if not create:
                 raise StoreOpenError(f"no workspace folder at {self.path}; pass create=True to make one")
             try:
-                os.makedirs(self.path, mode=0o700, exist_ok=True)
+                _make_private_dirs(self.path)
             except OSError as exc:
                 raise StoreOpenError(f"cannot create workspace folder {self.path}: {exc.strerror}") from None
         self._options = store_options
@@ -92,3 +92,15 @@ class Workspace:
 
     def __repr__(self) -> str:
         return f"<localstore.Workspace {self.path!r}>"
+
+
+def _make_private_dirs(path: str) -> None:
+    """Create ``path`` and any missing parents with mode 0700 (``os.makedirs`` applies it to the last only)."""
+    missing = []
+    current = os.path.abspath(path)
+    while not os.path.exists(current):
+        missing.append(current)
+        current = os.path.dirname(current)
+    for folder in reversed(missing):
+        os.mkdir(folder, 0o700)
+        os.chmod(folder, 0o700)  # mkdir's mode is filtered by the umask

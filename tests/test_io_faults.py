@@ -352,11 +352,7 @@ def _leak_xfail(reason: str) -> pytest.MarkDecorator:
     return pytest.mark.xfail(strict=True, raises=RawErrorLeak, reason=reason)
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=_leak_xfail(RAW_BACKUP if n == "backup" else RAW_TRAINING))
-    if n in ("backup", "train_dictionary") else n
-    for n in CASES
-])
+@pytest.mark.parametrize("name", CASES)
 def test_io_fault_sweep(vfs: FaultVFS, tmp_path: Path, name: str) -> None:
     case = CASES[name]
     tally = sweep(vfs, case, tmp_path)

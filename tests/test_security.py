@@ -104,9 +104,6 @@ def test_workspace_folder_is_0700_and_its_stores_0600(tmp_path: Path, umask: int
         assert_private_files(tmp_path / "ws", ("a.db", "a.db-wal", "b.db-shm"))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: Workspace() creates missing parent folders with os.makedirs(mode=0o700), which applies "
-    "0700 only to the last folder; the parents it creates get 0777 & ~umask (0755 under umask 022)"))
 def test_workspace_parent_folders_it_creates_are_0700(tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:
@@ -199,9 +196,6 @@ def test_profile_export_to_a_new_file_is_0600(tmp_path: Path, umask: int) -> Non
     assert_private_files(tmp_path / "exports", ("ada.json",))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: LearningProfiles.export_json opens an existing path with O_TRUNC, which keeps the file's old "
-    "mode: exporting over a 0644 file leaves personal data world-readable"))
 def test_profile_export_over_an_existing_file_is_0600(tmp_path: Path) -> None:
     store, lp, pid = _profiles(tmp_path)
     try:

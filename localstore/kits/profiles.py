@@ -328,6 +328,7 @@ class LearningProfiles:
         text = json.dumps(self.export(profile_id), indent=2, sort_keys=True, ensure_ascii=False)
         if path is not None:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(text)
         return text
