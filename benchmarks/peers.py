@@ -20,7 +20,8 @@ reported as skipped: its figures carry ``skipped`` and a reason, never an error.
   ``record_telemetry_many`` and the background sync's drain of the same rows.
 
 Sections can be chosen with ``LOCALSTORE_BENCH_SECTIONS=vectors,checkpoints,postgres``
-(``run.py all --only peers.vectors`` sets it).
+(``run.py all --only peers.vectors`` sets it). ``scaling`` (latency and insert rate at
+N = 10k, 30k, 100k, drawn to ``benchmarks/peers_scaling.png``) runs only when chosen.
 """
 
 from __future__ import annotations
@@ -578,6 +579,124 @@ def bench_postgres(report: Report, scratch: Scratch, sizes: Sizes) -> None:
                          ours=f"{t['pg.ours_sync'].rate:,.0f} rows/s", peers={"Postgres COPY": f"{t['pg.copy'].rate:,.0f} rows/s"}))
 
 
+# -- scaling: latency and insert rate against N (opt-in: --only peers.scaling) ----------------------
+
+SCALING_N = (10_000, 30_000, 100_000)
+SCALING_N_QUICK = (2_000, 5_000, 10_000)
+
+
+def bench_scaling(report: Report, scratch: Scratch, sizes: Sizes, quick: bool) -> None:
+    """p50 query latency (unfiltered and 1 of 3) and insert rate at several N, drawn to peers_scaling.png."""
+    vec = _vectors_module()
+    chromadb, _ = _try_import("chromadb")
+    lancedb, _ = _try_import("lancedb")
+    pa, _ = _try_import("pyarrow")
+    dim, nq = sizes.dim, sizes.queries
+    ns = (500, 1_000, 2_000) if is_tiny() else SCALING_N_QUICK if quick else SCALING_N
+    queries = vec.embeddings(nq, dim, seed=2)
+    series: dict[str, dict[str, list[float]]] = {}
+
+    def p50(fn: Callable[[np.ndarray], Any]) -> float:
+        fn(queries[0])
+        runs = []
+        for q in queries:
+            start = time.perf_counter()
+            fn(q)
+            runs.append(time.perf_counter() - start)
+        return float(np.median(runs)) * 1e3
+
+    def add(who: str, insert_s: float, n: int, unfiltered: float, filtered: float) -> None:
+        d = series.setdefault(who, {"n": [], "rate": [], "p50": [], "p50_filtered": []})
+        d["n"].append(n)
+        d["rate"].append(n / insert_s if insert_s else float("nan"))
+        d["p50"].append(unfiltered)
+        d["p50_filtered"].append(filtered)
+
+    for n in ns:
+        log(f"scaling: N={n:,}")
+        matrix = vec.embeddings(n, dim, seed=1)
+        rows = vec.query_rows(matrix)
+        where = {"kind": vec.KINDS[0]}
+        path = scratch.path("scale-ours")
+        with ls.open(path) as store:
+            coll = store.collection(vec.COLLECTION, key="id", fields=vec.query_fields(dim))
+            t = time.perf_counter()
+            coll.put_many(rows)
+            ins = time.perf_counter() - t
+            add("ours (auto)", ins, n, p50(lambda q: coll.nearest("embedding", q, k=K)),  # noqa: B023 - called within the iteration
+                p50(lambda q: coll.nearest("embedding", q, k=K, where=where)))  # noqa: B023 - called within the iteration
+        Scratch.remove(path)
+        kept_rows = np.ascontiguousarray(matrix[[vec.kind_of(i) == vec.KINDS[0] for i in range(n)]])
+        add("numpy/BLAS", 0.0, n, p50(lambda q: vec.blas_topk(matrix, q)),  # noqa: B023 - called within the iteration
+            p50(lambda q: vec.blas_topk(kept_rows, q)))  # noqa: B023 - called within the iteration
+        if chromadb is not None:
+            folder = os.path.join(scratch.root, f"scale-chroma-{n}")
+            client = chromadb.PersistentClient(path=folder)
+            ccoll = client.create_collection("bench", metadata={"hnsw:space": "cosine"}, embedding_function=None)
+            ids = [vec.key_of(i) for i in range(n)]
+            step = max(1, min(5_000, client.get_max_batch_size()))
+            t = time.perf_counter()
+            for a in range(0, n, step):
+                b = min(n, a + step)
+                ccoll.add(ids=ids[a:b], embeddings=matrix[a:b],
+                          metadatas=[{"kind": vec.kind_of(i), "grp": vec.group_of(i)} for i in range(a, b)])
+            ins = time.perf_counter() - t
+            add("Chroma (HNSW)", ins, n, p50(lambda q: ccoll.query(query_embeddings=[q], n_results=K)),  # noqa: B023 - called within the iteration
+                p50(lambda q: ccoll.query(query_embeddings=[q], n_results=K, where=where)))  # noqa: B023 - called within the iteration
+            shutil.rmtree(folder, ignore_errors=True)
+        if lancedb is not None and pa is not None:
+            folder = os.path.join(scratch.root, f"scale-lance-{n}")
+            db = lancedb.connect(folder)
+            t = time.perf_counter()
+            table = db.create_table("bench", data=pa.table({
+                "id": [vec.key_of(i) for i in range(n)], "kind": [vec.kind_of(i) for i in range(n)],
+                "vector": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), dim)}))
+            ins = time.perf_counter() - t
+
+            def lq(q: np.ndarray, w: str | None = None) -> Any:
+                search = table.search(q).metric("cosine").limit(K).select(["id", "_distance"])  # noqa: B023 - called within the iteration
+                if w:
+                    search = search.where(w, prefilter=True)
+                return search.to_arrow()
+
+            add("LanceDB (flat)", ins, n, p50(lq), p50(lambda q: lq(q, f"kind = '{vec.KINDS[0]}'")))
+            shutil.rmtree(folder, ignore_errors=True)
+    report.params["scaling"] = json.dumps(series)
+    last = {who: d["p50"][-1] for who, d in series.items()}
+    report.figure(Figure("scaling.p50_ms", f"KNN p50 at N={ns[-1]:,}×{dim}, ours", last["ours (auto)"], "ms",
+                         peers={w: f"{v:.2f} ms" for w, v in last.items() if w != "ours (auto)"}))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        report.notes.append("matplotlib is not installed; no scaling plot drawn")
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for who, d in series.items():
+        line = ax1.plot(d["n"], d["p50"], marker="o", label=f"{who}, unfiltered")[0]
+        ax1.plot(d["n"], d["p50_filtered"], marker="x", linestyle="--", color=line.get_color(),
+                 label=f"{who}, kind = 1 of 3")
+        if who != "numpy/BLAS":
+            ax2.plot(d["n"], d["rate"], marker="o", label=who, color=line.get_color())
+    for ax, title, ylabel in ((ax1, f"k={K} query p50, dim {dim}", "ms per query"),
+                              (ax2, f"insert rate, dim {dim}", "rows/s")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("N (rows)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = BENCH_DIR / "peers_scaling.png"
+    if not is_tiny():
+        fig.savefig(out, dpi=110)
+        report.notes.append(f"scaling plot written to {out}")
+    plt.close(fig)
+
+
 # -- entry point ------------------------------------------------------------------------------------
 
 
@@ -595,6 +714,8 @@ def run(quick: bool = False) -> Report:
             bench_checkpoints(report, scratch, sizes)
         if "postgres" in wanted:
             bench_postgres(report, scratch, sizes)
+        if "scaling" in wanted:
+            bench_scaling(report, scratch, sizes, quick)
     report.notes += [
         "Chroma is approximate (HNSW); its recall@10 is shown. Ours and LanceDB flat search are exact",
         "ratios in x: (speed) above 1 means ours is faster; (time) below 1 means ours is faster",

@@ -35,7 +35,7 @@ from _harness import Report, _table, environment, fmt_value, is_tiny, log, rende
 #: Files in benchmarks/ that are not benchmarks.
 NOT_BENCHMARKS = frozenset({"run"})
 #: Parts of ``peers`` that ``--only peers.NAME`` can choose.
-PEER_SECTIONS = ("vectors", "checkpoints", "postgres")
+PEER_SECTIONS = ("vectors", "checkpoints", "postgres", "scaling")
 #: Every package whose version the figures depend on (reported when installed).
 PACKAGES = (
     "localstore", "apsw", "sqlite-vec", "numpy", "zstandard", "cryptography", "psycopg", "psycopg-binary",
