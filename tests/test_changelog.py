@@ -81,8 +81,10 @@ def test_hlc_is_close_to_wall_clock(store: ls.Store) -> None:
     after_ms = time.time_ns() // 1_000_000
     (change,) = _all(store)
     millis = change.hlc >> 16
-    # The HLC's millisecond part is the wall clock at write time (loose bounds: this is not a timing test).
-    assert before_ms - 1_000 <= millis <= after_ms + 1_000
+    # The HLC's millisecond part is the wall clock at write time, not a counter from zero
+    # (a minute of slack either side: this checks the clock's meaning, not a duration).
+    clock_slack_ms = 60_000
+    assert before_ms - clock_slack_ms <= millis <= after_ms + clock_slack_ms
 
 
 def test_hlc_strictly_increases_across_many_writes_and_reopen(store_path: Path) -> None:
