@@ -179,7 +179,8 @@ class Report:
     ) -> Figure:
         """Add ``ours``'s throughput over ``baseline``'s (per-item medians); above 1 is faster."""
         a, b = self.timings[ours], self.timings[baseline]
-        return self.figure(Figure(name, label, b.per_item / a.per_item, "x", target_op, target))
+        return self.figure(Figure(name, label, b.per_item / a.per_item, "x", target_op, target,
+                                  ours=_side(a), peers={b.name: _side(b)}))
 
     def cost_ratio(
         self,
@@ -193,7 +194,8 @@ class Report:
     ) -> Figure:
         """Add ``ours``'s time over ``baseline``'s (per-item medians); above 1 is slower."""
         a, b = self.timings[ours], self.timings[baseline]
-        return self.figure(Figure(name, label, a.per_item / b.per_item, "x", target_op, target))
+        return self.figure(Figure(name, label, a.per_item / b.per_item, "x", target_op, target,
+                                  ours=_side(a), peers={b.name: _side(b)}))
 
     def to_json(self) -> dict[str, Any]:
         """The report as a JSON-ready dict."""
@@ -207,6 +209,13 @@ class Report:
             "targets_met": all(f.met is not False for f in self.figures.values()),
             "notes": list(self.notes),
         }
+
+
+def _side(timing: Timing) -> str:
+    """One side of a ratio for the combined table: a rate when a run handles many items, else a time."""
+    if timing.items > 1:
+        return fmt_rate(timing.rate, timing.unit)
+    return fmt_seconds(timing.median)
 
 
 def measure(
