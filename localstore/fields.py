@@ -8,7 +8,6 @@ collection and field, say what was expected and what was given.
 from __future__ import annotations
 
 import json
-import math
 import struct
 from typing import Any, ClassVar
 
@@ -448,8 +447,3 @@ FIELD_TYPES: dict[str, type[Field]] = {
 
 #: Field types a collection key may have.
 KEY_TYPES = (Text, Integer)
-
-
-def is_finite_number(value: Any) -> bool:
-    """Whether a value is an int or float that is not NaN or infinite."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

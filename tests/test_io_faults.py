@@ -337,21 +337,6 @@ class RawErrorLeak(AssertionError):
     """A fault reached the caller as something other than a LocalStoreError."""
 
 
-RAW_BACKUP = (
-    "BUG: store.backup() opens and closes its destination connection (apsw.Connection(tmp), dest.close() in "
-    "maintenance.backup) outside the error boundary, so an I/O error there reaches the caller as a raw apsw.IOError; "
-    "with persistent read/sync faults during job.step, apsw's Backup.__exit__ also surfaces a SystemError"
-)
-RAW_TRAINING = (
-    "BUG: dictionary training reads its samples (codecs.py _samples, called from put_many's encoding) outside the "
-    "error boundary, so an I/O error while sampling reaches the caller of put_many as a raw apsw.IOError"
-)
-
-
-def _leak_xfail(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, raises=RawErrorLeak, reason=reason)
-
-
 @pytest.mark.parametrize("name", CASES)
 def test_io_fault_sweep(vfs: FaultVFS, tmp_path: Path, name: str) -> None:
     case = CASES[name]
