@@ -178,9 +178,7 @@ class Report:
         target: float | None = None,
     ) -> Figure:
         """Add ``ours``'s throughput over ``baseline``'s (per-item medians); above 1 is faster."""
-        a, b = self.timings[ours], self.timings[baseline]
-        return self.figure(Figure(name, label, b.per_item / a.per_item, "x", target_op, target,
-                                  ours=_side(a), peers={b.name: _side(b)}))
+        return self._ratio(name, label, ours, baseline, target_op, target, faster=True)
 
     def cost_ratio(
         self,
@@ -193,9 +191,13 @@ class Report:
         target: float | None = None,
     ) -> Figure:
         """Add ``ours``'s time over ``baseline``'s (per-item medians); above 1 is slower."""
+        return self._ratio(name, label, ours, baseline, target_op, target, faster=False)
+
+    def _ratio(self, name: str, label: str, ours: str, baseline: str, target_op: str | None,
+               target: float | None, *, faster: bool) -> Figure:
         a, b = self.timings[ours], self.timings[baseline]
-        return self.figure(Figure(name, label, a.per_item / b.per_item, "x", target_op, target,
-                                  ours=_side(a), peers={b.name: _side(b)}))
+        value = b.per_item / a.per_item if faster else a.per_item / b.per_item
+        return self.figure(Figure(name, label, value, "x", target_op, target, ours=_side(a), peers={b.name: _side(b)}))
 
     def to_json(self) -> dict[str, Any]:
         """The report as a JSON-ready dict."""

@@ -382,21 +382,8 @@ class RowCodec:
     def decode_payload(self, payload: dict[str, Any]) -> dict[str, Any]:
         """Decode a change-log payload (stored values by field name)."""
         self.begin_read()
-        key = payload.get(self.key)
-        out: dict[str, Any] = {}
-        for name, codec, dec in self.plan:
-            if name not in payload:
-                continue
-            value = payload[name]
-            if value is None:
-                out[name] = None
-            elif codec is not None:
-                out[name] = codec.decode(value, key)
-            elif dec is not None:
-                out[name] = dec(value)
-            else:
-                out[name] = value
-        return out
+        row = self.decode_row([payload.get(name) for name, _, _ in self.plan])
+        return {name: value for name, value in row.items() if name in payload}
 
 
 def reencrypt(store: Any, batch: int) -> int:

@@ -14,6 +14,7 @@ import re
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._sqlite import quote
+from .virtual import VirtualIndex
 
 if TYPE_CHECKING:
     import apsw
@@ -53,7 +54,7 @@ def match_expression(text: str) -> str | None:
     return " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
 
 
-class FullTextIndex:
+class FullTextIndex(VirtualIndex):
     """The FTS5 index over a collection's ``fulltext=True`` fields."""
 
     def __init__(self, schema: CollectionSchema) -> None:
@@ -70,14 +71,6 @@ class FullTextIndex:
         """The CREATE VIRTUAL TABLE statement."""
         cols = ", ".join(quote(n) for n in self.fields)
         return f"CREATE VIRTUAL TABLE IF NOT EXISTS {self.table} USING fts5({cols}, tokenize='unicode61')"
-
-    def create(self, db: apsw.Connection) -> None:
-        """Create the FTS5 table if missing."""
-        db.execute(self.ddl())
-
-    def drop(self, db: apsw.Connection) -> None:
-        """Drop the FTS5 table."""
-        db.execute(f"DROP TABLE IF EXISTS {self.table}")
 
     def rebuild(self, db: apsw.Connection) -> int:
         """Recreate the index from the row table; return the rows indexed."""

@@ -22,6 +22,7 @@ import numpy as np
 from ._sqlite import quote
 from .errors import QueryError, SchemaError, ValidationError
 from .fields import Boolean, Field, Integer, Real, Text, Vector
+from .virtual import VirtualIndex
 
 if TYPE_CHECKING:
     import apsw
@@ -97,7 +98,7 @@ def normalise_probability(field: Vector, array: np.ndarray) -> np.ndarray:
     return (array / np.float32(total)).astype("<f4")
 
 
-class VectorIndex:
+class VectorIndex(VirtualIndex):
     """The vec0 index of one Vector field: its DDL, write maintenance and KNN query."""
 
     def __init__(self, schema: CollectionSchema, field_name: str) -> None:
@@ -128,14 +129,6 @@ class VectorIndex:
         metric = f" distance_metric={VEC0_METRIC[self.field.metric]}"
         meta = "".join(f", {_meta(n)} {_VEC0_TYPES[type(self.schema.fields[n])]}" for n in self.filters)
         return f"CREATE VIRTUAL TABLE IF NOT EXISTS {self.table} USING vec0(embedding {kind}{metric}{meta})"
-
-    def create(self, db: apsw.Connection) -> None:
-        """Create the vec0 table if missing."""
-        db.execute(self.ddl())
-
-    def drop(self, db: apsw.Connection) -> None:
-        """Drop the vec0 table."""
-        db.execute(f"DROP TABLE IF EXISTS {self.table}")
 
     def rebuild(self, db: apsw.Connection) -> int:
         """Recreate the index from the row table (reclaiming deleted slots); return the rows indexed."""
