@@ -100,22 +100,39 @@ def create_private_file(path: str) -> bool:
     return True
 
 
+def check_vfs(vfs: str | None, path: str) -> None:
+    """Refuse a VFS name SQLite does not know, naming the registered ones."""
+    if vfs is None:
+        return
+    if not isinstance(vfs, str):
+        raise StoreOpenError(f"cannot open {path}: vfs must be the name of a registered SQLite VFS, got {type(vfs).__name__}")
+    known = apsw.vfs_names()
+    if vfs not in known:
+        raise StoreOpenError(
+            f"cannot open {path}: no SQLite VFS named {vfs!r} is registered (known: {', '.join(known)}); "
+            "register it first (e.g. an apsw.VFS subclass) or leave vfs=None"
+        )
+
+
 def connect(
     path: str,
     *,
     durability: str = "normal",
     busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
     check: Callable[[apsw.Connection], None] | None = None,
+    vfs: str | None = None,
 ) -> apsw.Connection:
     """Open an apsw connection to ``path`` and apply every set-up step.
 
     ``check`` runs right after the busy timeout is set and before anything can
     change the file (such as switching it to WAL), so it can refuse a file untouched.
+    ``vfs`` names a registered SQLite VFS to open the file through (None: SQLite's default).
     """
     opts: dict[str, object] = {"durability": durability, "busy_timeout_ms": busy_timeout_ms}
     flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE | apsw.SQLITE_OPEN_NOFOLLOW
+    check_vfs(vfs, path)
     try:
-        conn = apsw.Connection(path, flags=flags)
+        conn = apsw.Connection(path, flags=flags, vfs=vfs)
     except apsw.Error as exc:
         raise translate(exc, path) from None
     try:

@@ -59,7 +59,7 @@ def backup(store: Store, path: str, *, progress: Callable[[int, int], Any] | Non
                 )
             source = store._db
             with boundary(tmp, "opening the backup file"):
-                dest = apsw.Connection(tmp)
+                dest = apsw.Connection(tmp, vfs=store.vfs)
             try:
                 with boundary(store.path, "taking a backup"):
                     # One step copies everything under one read snapshot: writers in

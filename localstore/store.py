@@ -29,6 +29,7 @@ from ._sqlite import (
     DEFAULT_BUSY_TIMEOUT_MS,
     DURABILITY,
     boundary,
+    check_vfs,
     connect,
     create_private_file,
     retry_busy,
@@ -93,6 +94,7 @@ class Store:
         key_file: str | os.PathLike[str] | None = None,
         keys_from: str | os.PathLike[str] | Store | None = None,
         max_messages_per_key: int | None = None,
+        vfs: str | None = None,
     ) -> None:
         self.path = os.fspath(path)
         from .keys import DEFAULT_MAX_MESSAGES, KeyRing, resolve_master
@@ -100,6 +102,7 @@ class Store:
         master = resolve_master(key, key_file)  # key file checks (0600) run before the store is touched
         if durability not in DURABILITY:
             raise StoreOpenError(f"durability must be one of {', '.join(DURABILITY)}, got {durability!r}")
+        check_vfs(vfs, self.path)  # before the file is created, so a typo leaves nothing behind
         if os.path.isdir(self.path):
             raise StoreOpenError(f"{self.path} is a directory; a store is a single file, e.g. {self.path}/agent.db")
         if not os.path.exists(self.path):
@@ -109,12 +112,14 @@ class Store:
         elif os.path.getsize(self.path) and not _looks_like_sqlite(self.path):
             raise translate(apsw.NotADBError("file is not a database"), self.path, "opening")
         self.durability = durability
+        self.vfs = vfs
         self._lock = threading.RLock()
         self._conn: apsw.Connection | None = connect(
             self.path,
             durability=durability,
             busy_timeout_ms=busy_timeout_ms,
             check=lambda conn: schema_mod.check_store_file(conn, self.path),
+            vfs=vfs,
         )
         try:
             with boundary(self.path, "opening"):
@@ -531,6 +536,7 @@ def open(
     key_file: str | os.PathLike[str] | None = None,
     keys_from: str | os.PathLike[str] | Store | None = None,
     max_messages_per_key: int | None = None,
+    vfs: str | None = None,
 ) -> Store:
     """Open one agent's store at ``path``, creating it (mode 0600) if missing.
 
@@ -544,10 +550,12 @@ def open(
     mode 0600). A wrong key raises ``WrongKeyError`` here. ``keys_from`` opens a
     backup with the subject keys of its live store; ``max_messages_per_key`` caps
     the values encrypted per data key (default 2^30) before a new key is made.
+    ``vfs`` opens the file through a registered SQLite VFS (an ``apsw.VFS``
+    subclass, e.g. a fault-injecting shim in tests); its backups use it too.
     """
     return Store(
         path, durability=durability, busy_timeout_ms=busy_timeout_ms, create=create, vector_cache=vector_cache,
-        key=key, key_file=key_file, keys_from=keys_from, max_messages_per_key=max_messages_per_key,
+        key=key, key_file=key_file, keys_from=keys_from, max_messages_per_key=max_messages_per_key, vfs=vfs,
     )
 
 

@@ -13,13 +13,12 @@ After each run the store is reopened through the normal VFS and must:
 
 and the caller must have seen a ``LocalStoreError`` (never a raw apsw error).
 
-``localstore.open`` has no ``vfs=`` argument, so the shim is made SQLite's default VFS
-while the operation runs (and ``unix`` again while the result is checked).
+The operation opens its store with ``localstore.open(path, vfs="ls_fault")`` (its backups
+inherit the VFS); the result is checked through SQLite's default VFS.
 """
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -50,7 +49,7 @@ class FaultVFS(apsw.VFS):
     name = "ls_fault"
 
     def __init__(self) -> None:
-        super().__init__(self.name, BASE_VFS, makedefault=True)
+        super().__init__(self.name, BASE_VFS, makedefault=False)
         self.kind: str | None = None
         self.n = 0
         self.persistent = False
@@ -102,22 +101,11 @@ class FaultFile(apsw.VFSFile):
 @pytest.fixture(scope="module")
 def vfs() -> Iterator[FaultVFS]:
     shim = FaultVFS()
-    apsw.set_default_vfs(BASE_VFS)
     try:
         yield shim
     finally:
         shim.disarm()
-        apsw.set_default_vfs(BASE_VFS)
         shim.unregister()
-
-
-@contextlib.contextmanager
-def on_shim() -> Iterator[None]:
-    apsw.set_default_vfs(FaultVFS.name)
-    try:
-        yield
-    finally:
-        apsw.set_default_vfs(BASE_VFS)
 
 
 # -- the operations ---------------------------------------------------------------------------------
@@ -266,20 +254,19 @@ def one_run(vfs: FaultVFS, case: Case, template: Path, work: Path, kind: str, n:
     shutil.copytree(template, work)
     path = work / "store.db"
     error: BaseException | None = None
-    with on_shim():
-        store = ls.open(path, key=KEY, durability=case.durability)
-        vfs.arm(kind, n, persistent)
+    store = ls.open(path, key=KEY, durability=case.durability, vfs=FaultVFS.name)
+    vfs.arm(kind, n, persistent)
+    try:
+        case.run(store, path)
+    except Exception as exc:  # noqa: BLE001 (classified below)
+        error = exc
+    finally:
+        fired = vfs.fired
+        vfs.disarm()
         try:
-            case.run(store, path)
-        except Exception as exc:  # noqa: BLE001 (classified below)
-            error = exc
-        finally:
-            fired = vfs.fired
-            vfs.disarm()
-            try:
-                store.close()
-            except Exception as exc:  # noqa: BLE001
-                tally.problems.append(f"{case.name} {kind} N={n} persistent={persistent}: close raised {exc!r}")
+            store.close()
+        except Exception as exc:  # noqa: BLE001
+            tally.problems.append(f"{case.name} {kind} N={n} persistent={persistent}: close raised {exc!r}")
     tally.runs += 1
     tally.faults += fired
     where = f"{case.name}: {kind} fault N={n} ({'persistent' if persistent else 'once'})"
@@ -314,7 +301,7 @@ def sweep(vfs: FaultVFS, case: Case, tmp_path: Path, kinds: tuple[str, ...] = KI
     before = case.state(template / "store.db")
     ref = tmp_path / "reference"
     shutil.copytree(template, ref)
-    with on_shim(), ls.open(ref / "store.db", key=KEY, durability=case.durability) as store:
+    with ls.open(ref / "store.db", key=KEY, durability=case.durability, vfs=FaultVFS.name) as store:
         case.run(store, ref / "store.db")
     after = case.state(ref / "store.db")
     assert after != before, f"{case.name}: the operation changed nothing"
@@ -348,6 +335,39 @@ def test_io_fault_sweep(vfs: FaultVFS, tmp_path: Path, name: str) -> None:
     assert not tally.problems, f"{len(tally.problems)} problems:\n" + "\n".join(tally.problems[:20])
     if tally.wrong_errors:
         raise RawErrorLeak(f"{len(tally.wrong_errors)} errors were not LocalStoreError:\n" + "\n".join(tally.wrong_errors[:20]))
+
+
+# -- the vfs= hook itself ------------------------------------------------------------------------------
+
+
+def test_vfs_argument_routes_every_file_through_the_named_vfs(vfs: FaultVFS, tmp_path: Path) -> None:
+    vfs.arm("never", 0, False)  # count calls without failing any
+    with ls.open(tmp_path / "plain.db", key=KEY) as store:
+        store.collection("items", key="k", fields=ITEM_FIELDS).put(item(1))
+    assert sum(vfs.calls.values()) == 0, "a store opened without vfs= went through the shim"
+    with ls.open(tmp_path / "shim.db", key=KEY, vfs=FaultVFS.name) as store:
+        assert store.vfs == FaultVFS.name
+        store.collection("items", key="k", fields=ITEM_FIELDS).put(item(1))
+        writes = vfs.calls["write"]
+        assert writes > 0 and vfs.calls["lock"] > 0
+        store.backup(tmp_path / "copy.db")
+        assert vfs.calls["write"] > writes, "the backup did not go through the store's VFS"
+    vfs.disarm()
+    with ls.open(tmp_path / "copy.db", key=KEY) as copy:
+        assert copy.collection("items").get("k1") == item(1)
+
+
+@pytest.mark.parametrize("bad", ["no-such-vfs", "", 7])
+def test_unknown_vfs_is_a_clear_error_and_creates_nothing(tmp_path: Path, bad: Any) -> None:
+    path = tmp_path / "store.db"
+    with pytest.raises(ls.StoreOpenError, match="VFS") as info:
+        ls.open(path, vfs=bad)
+    assert "unix" in str(info.value) or "vfs must be" in str(info.value)
+    assert not path.exists()
+    ws = ls.Workspace(tmp_path / "ws", vfs="no-such-vfs")
+    with pytest.raises(ls.StoreOpenError, match="no-such-vfs"):
+        ws.open("agent")
+    assert not (tmp_path / "ws" / "agent.db").exists()
 
 
 # -- a full disk -------------------------------------------------------------------------------------
