@@ -19,7 +19,7 @@ import msgpack
 from ._sqlite import boundary, quote, scalar
 from .errors import ValidationError
 from .fields import _MISSING, Field, Integer, Real, Text
-from .query import check_limit, compile_order, compile_where
+from .query import check_limit, compile_fields, compile_order, compile_where
 from .derived import DerivedIndexes
 from .schema import CollectionSchema
 
@@ -39,6 +39,33 @@ def _compiled(source: str) -> Any:
 
 class _SchemaMoved(Exception):
     """Internal: a row named a field this process had not seen, and the reloaded schema has it."""
+
+
+class _Projection:
+    """A read of some fields only: its SELECT list and a decoder that touches only those columns."""
+
+    def __init__(self, coll: Collection, names: tuple[str, ...]) -> None:
+        self.names = names
+        self.select = f"SELECT {', '.join(quote(n) for n in names)} FROM {coll._schema.table}"
+        codecs = coll._codec.fields if coll._codec is not None else {}
+        decoders = dict(coll._decoders)
+        self.plan = [(n, codecs.get(n), decoders[n]) for n in names]
+        self.codec = coll._codec if any(n in codecs for n in names) else None
+
+    def decode(self, stored: Sequence[Any]) -> dict[str, Any]:
+        """Decode one selected row (key first); codec fields are decrypted and decompressed only when chosen."""
+        key = stored[0]
+        out: dict[str, Any] = {}
+        for (name, codec, decode), value in zip(self.plan, stored):
+            if value is None:
+                out[name] = None
+            elif codec is not None:
+                out[name] = codec.decode(value, key)
+            elif decode is not None:
+                out[name] = decode(value)
+            else:
+                out[name] = value
+        return out
 
 
 class Collection:
@@ -84,6 +111,7 @@ class Collection:
         self._sql_rowids = f"SELECT {kcol}, rowid FROM {table} WHERE {kcol} IN (SELECT value FROM json_each(?))"
         self._sql_log_delete = f"INSERT INTO _ls_changes(seq, hlc, coll, key, op) VALUES(?, ?, {schema.id}, ?, {OP_DELETE})"
         self._sql_pack = "ls_pack(" + ", ".join(f"'{n}', {quote(n)}" for n in key_first) + ")"
+        self._projections: dict[tuple[str, ...], _Projection] = {}
         if schema.sync:
             self._install_triggers()
 
@@ -269,6 +297,26 @@ class Collection:
                             self.name, name, [(r, b[pos], tuple(b[p] for p in fpos)) for r, b in zip(rowids, bindings)]
                         )
 
+    def update(self, key: Any, changes: Mapping[str, Any]) -> Any:
+        """Change only the named fields of the row with this key; return the key.
+
+        Values are validated (and encrypted, compressed, indexed) as by ``put``; fields
+        left out keep their stored values, untouched. The change log records the row as
+        it now stands. A key without a row raises ``NotFoundError`` and writes nothing.
+        """
+        from .update import update_rows
+
+        update_rows(self, [(key, changes)])
+        return key
+
+    def update_many(
+        self, changes: Mapping[Any, Mapping[str, Any]] | Iterable[tuple[Any, Mapping[str, Any]]]
+    ) -> int:
+        """Apply ``{key: {field: value}}`` (or ``(key, {field: value})`` pairs) in one transaction, all or none; return the count."""
+        from .update import as_items, update_rows
+
+        return update_rows(self, as_items(changes))
+
     def _rowids_of(self, bindings: list[tuple[Any, ...]]) -> list[int]:
         """The rowids of rows just written, in the order of ``bindings``."""
         if isinstance(self._fields[self.key], Integer):
@@ -315,35 +363,65 @@ class Collection:
 
     # -- reads -------------------------------------------------------------------------------
 
-    def get(self, key: Any) -> dict[str, Any] | None:
-        """The row with this key, or None."""
-        checked = self._check_key(key)
-        found = self.store._run(lambda db: db.execute(self._sql_get, (checked,)).fetchone(), f"reading {self.name!r}")
-        if found is not None and self._codec is not None:
-            self._codec.begin_read()
-        return None if found is None else self._decode(found)
+    def _projection(self, fields: Any) -> _Projection:
+        """The read plan of ``fields=[...]`` (validated; cached per tuple of names)."""
+        cache_key = tuple(fields) if isinstance(fields, (list, tuple)) else None
+        plan = self._projections.get(cache_key) if cache_key is not None else None  # type: ignore[arg-type]
+        if plan is not None:
+            return plan
+        try:
+            names = compile_fields(self._schema, fields)
+        except ValidationError:
+            # Another connection may have added the field: reload the schema once and look again.
+            self.store._run(lambda db: None, f"reading {self.name!r}")
+            names = compile_fields(self._schema, fields)
+        plan = _Projection(self, names)
+        if cache_key is not None and len(self._projections) < 64:
+            self._projections[cache_key] = plan
+        return plan
 
-    def get_many(self, keys: Iterable[Any]) -> list[dict[str, Any] | None]:
-        """The rows with these keys, in the same order; None where a key has no row."""
+    def _reader(self, fields: Any) -> tuple[str, Any, Any]:
+        """The SELECT, the row decoder and the codec to prime, for all fields (None) or a projection."""
+        if fields is None:
+            return self._sql_select, self._decode, self._codec
+        plan = self._projection(fields)
+        return plan.select, plan.decode, plan.codec
+
+    def get(self, key: Any, *, fields: list[str] | tuple[str, ...] | None = None) -> dict[str, Any] | None:
+        """The row with this key, or None; ``fields=[...]`` returns only those fields (and the key)."""
+        checked = self._check_key(key)
+        select, decode, codec = self._reader(fields)
+        sql = self._sql_get if fields is None else f"{select} WHERE {quote(self.key)} = ?"
+        found = self.store._run(lambda db: db.execute(sql, (checked,)).fetchone(), f"reading {self.name!r}")
+        if found is not None and codec is not None:
+            codec.begin_read()
+        return None if found is None else decode(found)  # type: ignore[no-any-return]
+
+    def get_many(
+        self, keys: Iterable[Any], *, fields: list[str] | tuple[str, ...] | None = None
+    ) -> list[dict[str, Any] | None]:
+        """The rows with these keys, in the same order; None where a key has no row. ``fields=`` as in ``get``."""
         checked = [self._check_key(k) for k in keys]
+        select, decode, codec = self._reader(fields)
         if not checked:
             return []
         import json
 
-        sql = f"{self._sql_select} WHERE {quote(self.key)} IN (SELECT value FROM json_each(?))"
+        sql = f"{select} WHERE {quote(self.key)} IN (SELECT value FROM json_each(?))"
         rows = self.store._run(lambda db: db.execute(sql, (json.dumps(checked),)).fetchall(), f"reading {self.name!r}")
         by_key = {row[0]: row for row in rows}
-        if rows and self._codec is not None:
-            self._codec.begin_read()
-        return [None if (row := by_key.get(k)) is None else self._decode(row) for k in checked]
+        if rows and codec is not None:
+            codec.begin_read()
+        return [None if (row := by_key.get(k)) is None else decode(row) for k in checked]
 
     def __contains__(self, key: Any) -> bool:
-        return self.get(key) is not None
+        return self.get(key, fields=()) is not None
 
     def find(
         self,
         where: dict[str, Any] | None = None,
         *,
+        fields: list[str] | tuple[str, ...] | None = None,
         order_by: str | list[str] | None = None,
         limit: int | None = None,
         offset: int | None = None,
@@ -354,12 +432,15 @@ class Collection:
 
         ``where`` maps a field to a value (equality; None means IS NULL) or to
         ``{op: value}`` with op one of ``= != < <= > >= in``; conditions are ANDed.
+        ``fields=[...]`` returns only those fields (the key always comes too); the
+        others are neither read into Python nor decrypted nor decompressed.
         """
-        sql, params = self._select_sql(self._sql_select, where, order_by, limit, offset)
+        select, decode, codec = self._reader(fields)
+        sql, params = self._select_sql(select, where, order_by, limit, offset)
         rows = self.store._run(lambda db: db.execute(sql, params).fetchall(), f"querying {self.name!r}")
-        if rows and self._codec is not None:
-            self._codec.begin_read()
-        return [self._decode(row) for row in rows]
+        if rows and codec is not None:
+            codec.begin_read()
+        return [decode(row) for row in rows]
 
     def keys(self, where: dict[str, Any] | None = None, *, limit: int | None = None) -> list[Any]:
         """The keys of the rows matching ``where``, in storage order (see ``find``)."""

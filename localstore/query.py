@@ -108,3 +108,22 @@ def check_limit(value: object, what: str) -> int | None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise QueryError(f"{what} must be a non-negative int or None, got {value!r}")
     return value
+
+
+def compile_fields(schema: CollectionSchema, fields: object) -> tuple[str, ...]:
+    """Validate a projection (``fields=[...]``): declared names, key first, each once, in the order given.
+
+    The key is always part of the result, so a row can be told apart from its peers.
+    """
+    if isinstance(fields, (str, bytes)) or not isinstance(fields, (list, tuple, set, frozenset)):
+        raise ValidationError(
+            f"{schema.name}: fields= takes a list of field names, got {fields!r}; e.g. fields=[{schema.key!r}]"
+        )
+    unknown = [name for name in fields if not isinstance(name, str) or name not in schema.fields]
+    if unknown:
+        raise ValidationError(
+            f"{schema.name}: unknown field(s) {', '.join(map(repr, unknown))} in fields=; "
+            f"declared fields are {', '.join(schema.fields)}"
+        )
+    chosen = dict.fromkeys([schema.key, *fields])  # ordered and without repeats
+    return tuple(chosen)
