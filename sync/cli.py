@@ -22,6 +22,16 @@ EXAMPLES = {
     "status": "Example:\n  localstore sync status data/ --json",
     "views": ("Example:\n  localstore sync views --url postgresql://sync:PASSWORD@db.lan/agents\n"
               "  psql ... -c 'SELECT agent, kernel_id, phi FROM agents.kernel_geometry ORDER BY phi DESC LIMIT 5'"),
+    "tenancy": ("Example:\n  export LOCALSTORE_POSTGRES_ADMIN_URL=postgresql://admin:PASSWORD@db.lan/agents\n"
+                "  localstore sync tenancy setup --owner localstore_owner\n"
+                "  TENANT_PW=... localstore sync tenancy grant daemon_lab1 --password-env TENANT_PW"),
+    "tenancy setup": ("Example:\n  localstore sync tenancy setup --admin-url postgresql://admin:PASSWORD@db.lan/agents "
+                      "--owner localstore_owner"),
+    "tenancy grant": ("Example:\n  read -rs PW; export PW\n"
+                      "  localstore sync tenancy grant daemon_lab1 --password-env PW "
+                      "--admin-url postgresql://admin:PASSWORD@db.lan/agents"),
+    "tenancy revoke": "Example:\n  localstore sync tenancy revoke daemon_lab1 --admin-url postgresql://admin:PASSWORD@db.lan/agents",
+    "tenancy list": "Example:\n  localstore sync tenancy list --admin-url postgresql://admin:PASSWORD@db.lan/agents",
     "restore": ("Example:\n  localstore restore kernel-7 --from postgresql://sync:PASSWORD@db.lan/agents "
                 "--to data/kernel-7.db"),
 }
@@ -167,6 +177,129 @@ def cmd_views(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--admin-url", default=None,
+                   help="the admin's Postgres URL: a superuser, or a CREATEROLE role owning the schema "
+                        "(default: $LOCALSTORE_POSTGRES_ADMIN_URL)")
+    p.add_argument("--schema", default=None, help="the Postgres schema holding localstore's tables (default: localstore)")
+
+
+def cmd_tenancy_setup(args: argparse.Namespace) -> int:
+    from . import tenancy
+    from .central import DEFAULT_SCHEMA
+    from .url import redact
+
+    try:
+        info = tenancy.setup(args.admin_url, args.schema or DEFAULT_SCHEMA, group=args.group, owner=args.owner)
+        shown = redact(tenancy._admin_url(args.admin_url))
+    except SyncError as exc:
+        return _fail(exc)
+    print(f"{shown}: schema {info.schema} set up for tenants: row-level security enabled and forced on "
+          f"{len(info.tables)} tables, owned by {info.owner}; tenants' group role {info.group}.\n"
+          f"Next: localstore sync tenancy grant ROLE --password-env VAR (one login role per sync daemon)")
+    return 0
+
+
+def cmd_tenancy_grant(args: argparse.Namespace) -> int:
+    import os
+
+    from . import tenancy
+    from .central import DEFAULT_SCHEMA
+    from .errors import ConfigError
+
+    try:
+        password = None
+        if args.password_env:
+            password = os.environ.get(args.password_env)
+            if not password:
+                raise ConfigError(f"--password-env {args.password_env}: that environment variable is empty or unset")
+        elif args.password_stdin:
+            password = sys.stdin.readline().rstrip("\n")
+            if not password:
+                raise ConfigError("--password-stdin: read an empty password")
+        created = tenancy.grant(args.admin_url, args.role, args.schema or DEFAULT_SCHEMA, password=password)
+    except SyncError as exc:
+        return _fail(exc)
+    schema = args.schema or DEFAULT_SCHEMA
+    print(f"role {args.role} {'created and ' if created else ''}granted as a tenant of schema {schema}"
+          f"{' (password set)' if password else ''}; its daemon syncs with "
+          f"--url postgresql://{args.role}:***@HOST/DB --schema {schema}")
+    return 0
+
+
+def cmd_tenancy_revoke(args: argparse.Namespace) -> int:
+    from . import tenancy
+    from .central import DEFAULT_SCHEMA
+
+    try:
+        tenancy.revoke(args.admin_url, args.role, args.schema or DEFAULT_SCHEMA)
+    except SyncError as exc:
+        return _fail(exc)
+    print(f"role {args.role} is no longer a tenant of schema {args.schema or DEFAULT_SCHEMA}; "
+          "its stores stay claimed by it")
+    return 0
+
+
+def cmd_tenancy_list(args: argparse.Namespace) -> int:
+    from . import tenancy
+    from .central import DEFAULT_SCHEMA
+
+    try:
+        rows = tenancy.tenants(args.admin_url, args.schema or DEFAULT_SCHEMA)
+    except SyncError as exc:
+        return _fail(exc)
+    print(f"{'tenant role':<32} {'stores':>7}")
+    for role, n in rows:
+        print(f"{role:<32} {n:>7}")
+    return 0
+
+
+def _register_tenancy(ss: Any, fmt: Any) -> None:
+    desc = ("Row-level security in the central Postgres, so that each sync daemon's role reads and writes only "
+            "its own stores' rows (FORCE ROW LEVEL SECURITY; tenants are neither owners nor superusers).")
+    t = ss.add_parser("tenancy", help="Isolate sync daemons from each other with row-level security.",
+                      description=desc, epilog=EXAMPLES["tenancy"], formatter_class=fmt)
+    ts = t.add_subparsers(dest="tenancy_command", metavar="SUBCOMMAND", required=True)
+
+    p = ts.add_parser("setup", help="Create or update the central schema with RLS forced on every table.",
+                      description="Create or update the central schema as the admin: an owner role owns the "
+                                  "tables, RLS is enabled and forced on each (and on state tables created later), "
+                                  "policies key rows on their store id, and a tenants' group role is made. "
+                                  "Idempotent; run again after upgrading localstore.",
+                      epilog=EXAMPLES["tenancy setup"], formatter_class=fmt)
+    _admin_common(p)
+    p.add_argument("--owner", default=None,
+                   help="a plain role (created NOLOGIN if missing) to own the tables and the definer function; "
+                        "needs a superuser admin URL (default: the admin's own role)")
+    p.add_argument("--group", default=None, help="the tenants' group role (default: SCHEMA_tenants)")
+    p.set_defaults(func=cmd_tenancy_setup)
+
+    p = ts.add_parser("grant", help="Make a login role a tenant (created if missing).",
+                      description="Make a login role a tenant: created (LOGIN, no superuser, no BYPASSRLS) if "
+                                  "missing, and added to the tenants' group. The password is read from an "
+                                  "environment variable or stdin, never from the command line, and is hashed "
+                                  "(SCRAM-SHA-256) before it is sent.",
+                      epilog=EXAMPLES["tenancy grant"], formatter_class=fmt)
+    p.add_argument("role", help="the daemon's login role")
+    _admin_common(p)
+    p.add_argument("--password-env", default=None, metavar="VAR", help="set the role's password from $VAR")
+    p.add_argument("--password-stdin", action="store_true", help="set the role's password from one line of stdin")
+    p.set_defaults(func=cmd_tenancy_grant)
+
+    p = ts.add_parser("revoke", help="Remove a role from the tenants (its stores stay claimed by it).",
+                      description="Remove a role from the tenants' group; its stores stay claimed by it.",
+                      epilog=EXAMPLES["tenancy revoke"], formatter_class=fmt)
+    p.add_argument("role", help="the daemon's login role")
+    _admin_common(p)
+    p.set_defaults(func=cmd_tenancy_revoke)
+
+    p = ts.add_parser("list", help="Show each tenant role and how many stores it holds.",
+                      description="Show each tenant role and how many stores it holds.",
+                      epilog=EXAMPLES["tenancy list"], formatter_class=fmt)
+    _admin_common(p)
+    p.set_defaults(func=cmd_tenancy_list)
+
+
 def cmd_restore(args: argparse.Namespace) -> int:
     import os
 
@@ -196,7 +329,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    """Add ``sync`` (once, daemon, status) and ``restore`` to the ``localstore`` command's subparsers."""
+    """Add ``sync`` (once, daemon, status, views, tenancy) and ``restore`` to the ``localstore`` command's subparsers."""
     fmt = argparse.RawDescriptionHelpFormatter
     sync = sub.add_parser("sync", help="Ship stores' change logs to a central Postgres.",
                           description="Ship stores' change logs to a central Postgres.", epilog=EXAMPLES["sync"],
@@ -239,6 +372,8 @@ def register(sub: Any) -> None:
     _common(p)
     p.add_argument("--views-schema", default=None, help="the schema for the views (default: agents)")
     p.set_defaults(func=cmd_views)
+
+    _register_tenancy(ss, fmt)
 
     p = sub.add_parser("restore", help="Rebuild a store from the central Postgres (same id, rows and schema).",
                        description="Rebuild a store from the central Postgres (same id, rows and schema).",

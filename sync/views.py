@@ -9,6 +9,12 @@ name) and ``store_id``, leaving out deleted rows. Vector columns stay pgvector, 
 Derived views: ``latest_telemetry``, ``best_checkpoints``, ``emergency_summary`` and
 ``session_stats``. Views over tables that do not exist yet are skipped; run it again
 after more kits have synced (it replaces the views).
+
+With tenancy set up (``localstore sync tenancy setup``), the views are shared objects
+that only the admin creates. On Postgres 15 and later they are made
+``security_invoker``, and granted to the tenants' group: a tenant querying them sees
+its own stores' rows only, as row-level security applies to the querying role. On
+older servers a view would read with its owner's rights, so tenants get no grant.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 from psycopg import sql
 
 from .central import DEFAULT_SCHEMA, STATE_COLUMNS, Central, state_table_name
+from .tenancy import TenancyError, marker
 
 #: The schema holding the kit views.
 DEFAULT_VIEWS_SCHEMA = "agents"
@@ -68,6 +75,17 @@ def create_kit_views(
 
 
 def _create(conn: Any, schema: str, views_schema: str) -> list[str]:
+    tenancy = marker(conn, schema)
+    if tenancy is not None:
+        me, admin = conn.execute("SELECT current_user::text, rolsuper OR pg_has_role(current_user, %s::text, 'USAGE') "
+                                 "FROM pg_roles WHERE rolname = current_user", (tenancy[1],)).fetchone()
+        if not admin:
+            raise TenancyError(
+                f"role {me!r} is a tenant of schema {schema!r}: the kit views are shared objects that the admin "
+                f"creates (localstore sync views --url ADMIN_URL); tenants then query them and see their own rows")
+    # security_invoker (Postgres 15+) makes row-level security apply to whoever queries a view.
+    invoker = tenancy is not None and conn.info.server_version >= 150000
+    options = sql.SQL(" WITH (security_invoker = true)") if invoker else sql.SQL("")
     conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(views_schema)))
     made: list[str] = []
     for name in KIT_TABLES:
@@ -79,10 +97,11 @@ def _create(conn: Any, schema: str, views_schema: str) -> list[str]:
             continue
         fields = [c for c in columns if c not in STATE_COLUMNS]
         select = sql.SQL(
-            "CREATE OR REPLACE VIEW {view} AS SELECT s.name AS agent, t._ls_store AS store_id, {cols} "
+            "CREATE OR REPLACE VIEW {view}{options} AS SELECT s.name AS agent, t._ls_store AS store_id, {cols} "
             "FROM {table} t JOIN {stores} s ON s.store_id = t._ls_store WHERE NOT t._ls_deleted"
         ).format(
             view=sql.Identifier(views_schema, name),
+            options=options,
             cols=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in fields),
             table=sql.Identifier(schema, table),
             stores=sql.Identifier(schema, "stores"),
@@ -94,6 +113,12 @@ def _create(conn: Any, schema: str, views_schema: str) -> list[str]:
     for name, (needs, body) in DERIVED.items():
         if all(n in made for n in needs):
             query = sql.SQL(body.replace("{v}", "{views}")).format(views=sql.Identifier(views_schema))
-            conn.execute(sql.SQL("CREATE OR REPLACE VIEW {} AS ").format(sql.Identifier(views_schema, name)) + query)
+            conn.execute(sql.SQL("CREATE OR REPLACE VIEW {}{} AS ").format(sql.Identifier(views_schema, name), options)
+                         + query)
             made.append(name)
+    if invoker and tenancy is not None:
+        group = sql.Identifier(tenancy[0])
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(views_schema), group))
+        for name in made:
+            conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(sql.Identifier(views_schema, name), group))
     return made
