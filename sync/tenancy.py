@@ -116,6 +116,7 @@ def setup(admin_url: str | None, schema: str = DEFAULT_SCHEMA, *, group: str | N
     try:
         with conn.transaction():
             me = _check_admin(conn, url, schema, owner)
+            _ensure_group(conn, group)
             if owner and owner != me:
                 _ensure_owner_role(conn, owner)
                 _transfer(conn, schema, owner)
@@ -138,11 +139,11 @@ def setup(admin_url: str | None, schema: str = DEFAULT_SCHEMA, *, group: str | N
 
 def _check_admin(conn: psycopg.Connection[Any], url: str, schema: str, owner: str | None) -> str:
     """The admin's role name; raise ``TenancyError`` saying what is missing if it cannot set up tenancy."""
-    me, superuser, createrole, can_create, schema_owner, owns = conn.execute(
+    me, superuser, createrole, can_create, schema_owner, owns = _one(conn,
         "SELECT current_user::text, r.rolsuper, r.rolcreaterole, has_database_privilege(current_database(), 'CREATE'), "
         "n.nspowner::regrole::text, pg_has_role(current_user, n.nspowner, 'USAGE') "
         "FROM pg_roles r LEFT JOIN pg_namespace n ON n.nspname = %s WHERE r.rolname = current_user",
-        (schema,)).fetchone()
+        (schema,))
     how = (f"run it with an admin URL (--admin-url or ${ADMIN_URL_ENV}): a superuser, or a role with CREATEROLE "
            f"that owns schema {schema!r}")
     if superuser:
@@ -176,6 +177,15 @@ def _ensure_owner_role(conn: psycopg.Connection[Any], owner: str) -> None:
         sql.Identifier(conn.info.dbname), sql.Identifier(owner)))
 
 
+def _ensure_group(conn: psycopg.Connection[Any], group: str) -> None:
+    """Create the tenants' group role if missing (NOLOGIN) and let it connect and make temporary tables."""
+    g = sql.Identifier(group)
+    if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (group,)).fetchone() is None:
+        conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN NOSUPERUSER NOBYPASSRLS").format(g))
+    # The shipping transaction stages each batch in temporary tables.
+    conn.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(sql.Identifier(conn.info.dbname), g))
+
+
 def _transfer(conn: psycopg.Connection[Any], schema: str, owner: str) -> None:
     """Hand an existing central schema and its tables to the owner role (run as the superuser admin)."""
     if conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone() is None:
@@ -197,16 +207,13 @@ def _secure(conn: psycopg.Connection[Any], schema: str, group: str, owner: str) 
     g = sql.Identifier(group)
     o = sql.Identifier(owner)
 
-    def q(name: str) -> sql.Composed:
+    def q(name: str) -> sql.Identifier:
         return sql.Identifier(schema, name)
 
     conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} name NOT NULL DEFAULT current_user").format(
         q("stores"), sql.Identifier(TENANT_COLUMN)))
     conn.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
         sql.Identifier("stores_tenant"), q("stores"), sql.Identifier(TENANT_COLUMN)))
-    if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (group,)).fetchone() is None:
-        conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN NOSUPERUSER NOBYPASSRLS").format(g))
-    conn.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(sql.Identifier(conn.info.dbname), g))
     conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(s, g))
 
     secured: list[str] = []
@@ -286,9 +293,10 @@ DECLARE
   v_dim int;
   v_rule text;
 BEGIN
-  IF p_table IS NULL OR left(p_table, 2) <> 'c_' OR octet_length(p_table) > 63 THEN
+  IF p_table IS NULL OR p_table !~ '^c_[a-z0-9_]+$' OR octet_length(p_table) > 63 THEN
     RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
-      MESSAGE = format('%L is not a localstore state table name (c_<collection>, at most 63 bytes)', p_table);
+      MESSAGE = format('%L is not a localstore state table name (c_<collection lowercased>, at most 63 bytes)',
+                       p_table);
   END IF;
   IF jsonb_typeof(p_columns) IS DISTINCT FROM 'array' THEN
     RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = 'columns must be a JSON array';
@@ -320,7 +328,8 @@ BEGIN
     v_name := v_col ->> 'name';
     v_type := v_col ->> 'type';
     v_ops := v_col ->> 'hnsw';
-    IF v_name IS NULL OR v_name = '' OR octet_length(v_name) > 63 OR left(v_name, 4) = '_ls_' THEN
+    IF v_name IS NULL OR v_name !~ '^[A-Za-z_][A-Za-z0-9_]*$' OR octet_length(v_name) > 63
+        OR left(v_name, 4) = '_ls_' THEN
       RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
         MESSAGE = format('%L is not an allowed field column name', v_name);
     END IF;
@@ -407,16 +416,18 @@ def grant(admin_url: str | None, role: str, schema: str = DEFAULT_SCHEMA, *, pas
             r = sql.Identifier(role)
             row = conn.execute("SELECT rolsuper, rolbypassrls, pg_has_role(oid, %s::text, 'USAGE') FROM pg_roles "
                                "WHERE rolname = %s", (owner, role)).fetchone()
-            created = row is None
-            if created:
+            if row is None:
                 conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS INHERIT")
                              .format(r))
+                created = True
             elif row[0] or row[1]:
                 raise TenancyError(f"role {role!r} is a superuser or has BYPASSRLS: row-level security would not "
                                    "bind it; grant a plain role instead")
             elif row[2]:
                 raise TenancyError(f"role {role!r} is (or is a member of) the owner {owner!r} of the central tables: "
                                    "FORCE ROW LEVEL SECURITY lets the owner's policy see every row; grant another role")
+            else:
+                created = False
             if password is not None:
                 verifier = conn.pgconn.encrypt_password(password.encode(), role.encode(), b"scram-sha-256")
                 conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(r, sql.Literal(verifier.decode())))
@@ -468,8 +479,8 @@ def tenants(admin_url: str | None, schema: str = DEFAULT_SCHEMA) -> list[tuple[s
 
 
 def _check_role_admin(conn: psycopg.Connection[Any], url: str) -> None:
-    me, superuser, createrole = conn.execute(
-        "SELECT rolname::text, rolsuper, rolcreaterole FROM pg_roles WHERE rolname = current_user").fetchone()
+    me, superuser, createrole = _one(conn,
+        "SELECT rolname::text, rolsuper, rolcreaterole FROM pg_roles WHERE rolname = current_user")
     if not (superuser or createrole):
         raise TenancyError(f"role {me!r} at {redact(url)} cannot manage tenant roles (no CREATEROLE, not a "
                            f"superuser); use the admin URL (--admin-url or ${ADMIN_URL_ENV})")
@@ -485,6 +496,13 @@ def _admin_url(url: str | None) -> str:
     if not given:
         raise ConfigError(f"no admin URL: pass --admin-url postgresql://ADMIN:PASSWORD@HOST/DB or set {ADMIN_URL_ENV}")
     return resolve_url(given)
+
+
+def _one(conn: psycopg.Connection[Any], query: str, params: tuple[Any, ...] = ()) -> tuple[Any, ...]:
+    """The one row a catalog query returns (the current role always exists)."""
+    row = conn.execute(query, params).fetchone()
+    assert row is not None
+    return tuple(row)
 
 
 def _connect(url: str, action: str) -> psycopg.Connection[Any]:
