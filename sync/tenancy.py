@@ -36,7 +36,7 @@ from psycopg.types.json import Jsonb
 from . import mapping
 from .central import DEFAULT_SCHEMA, Central
 from .errors import SyncError, wrap
-from .url import redact, redact_text, resolve_url
+from .url import redact, resolve_url
 
 log = logging.getLogger("localstore.sync")
 
@@ -131,7 +131,7 @@ def setup(admin_url: str | None, schema: str = DEFAULT_SCHEMA, *, group: str | N
         return Tenancy(schema, group, acting, tables)
     except TenancyError:
         raise
-    except Exception as exc:
+    except (psycopg.Error, OSError) as exc:
         raise _wrap(exc, url, f"setting up tenancy in schema {schema!r}") from None
     finally:
         conn.close()
@@ -435,7 +435,7 @@ def grant(admin_url: str | None, role: str, schema: str = DEFAULT_SCHEMA, *, pas
         return created
     except TenancyError:
         raise
-    except Exception as exc:
+    except (psycopg.Error, OSError) as exc:
         raise _wrap(exc, url, f"granting tenant role {role!r}", password) from None
     finally:
         conn.close()
@@ -454,7 +454,7 @@ def revoke(admin_url: str | None, role: str, schema: str = DEFAULT_SCHEMA) -> No
             conn.execute(sql.SQL("REVOKE {} FROM {}").format(sql.Identifier(found[0]), sql.Identifier(role)))
     except TenancyError:
         raise
-    except Exception as exc:
+    except (psycopg.Error, OSError) as exc:
         raise _wrap(exc, url, f"revoking tenant role {role!r}") from None
     finally:
         conn.close()
@@ -472,7 +472,7 @@ def tenants(admin_url: str | None, schema: str = DEFAULT_SCHEMA) -> list[tuple[s
                 sql.Identifier(TENANT_COLUMN), sql.Identifier(schema, "stores"))).fetchall()]
     except TenancyError:
         raise
-    except Exception as exc:
+    except (psycopg.Error, OSError) as exc:
         raise _wrap(exc, url, "listing tenants") from None
     finally:
         conn.close()
@@ -508,7 +508,7 @@ def _one(conn: psycopg.Connection[Any], query: str, params: tuple[Any, ...] = ()
 def _connect(url: str, action: str) -> psycopg.Connection[Any]:
     try:
         return psycopg.connect(url, autocommit=True, connect_timeout=10, application_name="localstore-tenancy")
-    except Exception as exc:
+    except (psycopg.Error, OSError) as exc:
         raise wrap(exc, url, action) from None
 
 

@@ -23,7 +23,6 @@ import psycopg
 import pytest
 from _sync_workers import assert_converged
 from localstore.sync import SyncEngine, SyncError, restore, subscribe, tenancy
-from localstore.sync.tenancy import TenancyError
 from pg_fixture import PgServer
 from psycopg import sql
 
@@ -239,7 +238,7 @@ def test_two_tenants_are_isolated_in_every_central_table(tmp_path: Path, tenants
             conn.execute(sql.SQL("UPDATE {} SET value = value").format(sql.Identifier(t.schema, "meta")))
         # The definer function takes names and types from a fixed list, never SQL.
         fn = sql.Identifier(t.schema, tenancy.FUNCTION)
-        for table, cols in (("stores", []), ("c_x; DROP TABLE x", []), ("changes", []),
+        for table, cols in (("stores", []), ("c_x; DROP TABLE x", []), ("changes", []), ("C_Upper", []),
                             ("c_kernels", [{"name": "x", "type": "int); DROP TABLE stores; --"}]),
                             ("c_kernels", [{"name": "_ls_store", "type": "text"}]),
                             ("c_kernels", [{"name": "v", "type": "vector(8)", "hnsw": "x_ops; DROP"}])):
@@ -279,8 +278,8 @@ def _insert_as(conn: psycopg.Connection[Any], schema: str, table: str, col: str,
         "stores": ("INSERT INTO {} (store_id, name, tenant) VALUES (%s, 'x', %s)", (store_id, tenant)),
         "changes": ("INSERT INTO {} (store_id, seq, hlc, collection, key, op) VALUES (%s, 999999, 1, 'x', 'x', 'put')",
                     (store_id,)),
-        "collections": ("INSERT INTO {} (store_id, name, key_field, fields, sync, state_table) "
-                        "VALUES (%s, 'zz', 'k', '{{}}', true, 'c_zz')", (store_id,)),
+        "collections": (("INSERT INTO {} (store_id, name, key_field, fields, sync, state_table) "
+                         "VALUES (%s, 'zz', 'k', '{{}}', true, 'c_zz')"), (store_id,)),
         "dictionaries": ("INSERT INTO {} (store_id, dict_id, data) VALUES (%s, 999999, '\\x00')", (store_id,)),
         "store_tables": ("INSERT INTO {} (store_id, name, columns, rows, digest) VALUES (%s, 'zz', '[]', '\\x00', 'd')",
                          (store_id,)),
@@ -331,7 +330,7 @@ def test_each_tenant_still_syncs_restores_and_pulls_its_own(tmp_path: Path, tena
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "localstore", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
+                          timeout=300, check=False)
 
 
 def test_cli_setup_grant_and_bad_input(tmp_path: Path, pg_server: PgServer, pg_schema: str,
