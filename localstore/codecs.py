@@ -23,6 +23,7 @@ from ._sqlite import boundary, quote
 from .dictionaries import DEFAULT_MIN_VALUE_BYTES, Dictionaries, FieldCompressor
 from .errors import (
     CodecError,
+    CorruptStoreError,
     MissingDictionaryError,
     MissingKeyError,
     QueryError,
@@ -111,7 +112,7 @@ class FieldCodec:
             trainable = not self.encrypt and isinstance(field, (Text, Json, Blob))
             self.compressor = FieldCompressor(
                 book, coll.name, field.name, trainable=trainable, itemsize=itemsize,
-                samples=self._samples if trainable else None,
+                samples=self._samples if trainable else None, checked=not self.encrypt,
             )
 
     def where(self, key: Any) -> str:
@@ -264,6 +265,8 @@ class FieldCodec:
             return value if self.field_decode is None else self.field_decode(value)
         except (ValueError, struct.error, UnicodeDecodeError) as exc:
             raise CodecError(f"{self.where(key)}: the decoded value is damaged ({exc})") from None
+        except CorruptStoreError as exc:  # a damaged Array header: name the field and row, as above
+            raise CodecError(f"{self.where(key)}: {exc}") from None
 
     # -- blind index -------------------------------------------------------------------
 

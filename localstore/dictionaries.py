@@ -3,11 +3,27 @@
 A compressed value (the column of a ``compress=True`` field, or the plaintext
 that an ``encrypt=True, compress=True`` field then encrypts) starts with a flag::
 
-    0x00  raw: compressing did not make it smaller, so the bytes follow as they are
+    0x00  raw, unchecked: the bytes follow as they are. Written only inside an encrypted
+          value (whose AES-GCM tag already covers every byte); read for older values too
     0x01  a zstd frame (level ``DEFAULT_LEVEL``, no dictionary)
     0x02  4-byte dictionary id (big-endian), then a zstd frame made with that dictionary
-    0x03  numbers (Array, Vector): 1-byte item size, 4-byte prefix length, the prefix
-          (the array's dtype/shape header) and a zstd frame of the byte-shuffled data
+    0x03  numbers, older form (read only): 1-byte item size, 4-byte prefix length, the
+          prefix (the array's dtype/shape header), a zstd frame of the byte-shuffled data
+    0x04  raw, checked: the bytes as they are, then their CRC-32 (4 bytes, big-endian).
+          What an unencrypted field stores when compressing would not pay
+    0x05  numbers (Array, Vector): one zstd frame holding 1-byte item size, 4-byte prefix
+          length, the prefix (the dtype/shape header) and the byte-shuffled data
+
+Every zstd frame carries its content checksum, so with 0x04 and 0x05 a damaged byte
+anywhere after the flag is detected: CRC-32 catches every burst of up to 32 bits, so
+every single damaged byte of a 0x04 value, and zstd's checksum (XXH64) the rest. The
+older 0x00 (outside encryption) and 0x03 forms stay readable, without that guarantee.
+
+Values of ``DEFAULT_PROBE_BYTES`` or more are probed first: a sample of
+``DEFAULT_PROBE_SAMPLE_BYTES`` spread over the value is compressed at a fast level,
+and when it would not shrink by ``DEFAULT_MIN_SAVING``, the value is stored raw at
+once (random-looking floats, already-compressed media) instead of paying for a
+full compression that gains nothing.
 
 Dictionaries live in ``_ls_dicts`` (layout below), are never updated or deleted
 (triggers refuse it), and are read back by id, so every value stays decodable
@@ -29,6 +45,7 @@ from __future__ import annotations
 import secrets
 import struct
 import threading
+import zlib
 from typing import TYPE_CHECKING, Any
 
 import apsw
@@ -61,6 +78,22 @@ DEFAULT_RETRAIN_SHARE = 0.8
 #: Values shorter than this many bytes are stored raw without trying zstd.
 DEFAULT_MIN_VALUE_BYTES = 24
 
+#: Values of at least this many bytes are probed before being compressed (see the module
+#: docstring); smaller ones are compressed outright, as probing would cost about as much.
+#: 0 probes every value of ``DEFAULT_MIN_VALUE_BYTES`` or more.
+DEFAULT_PROBE_BYTES = 16 * 1024
+
+#: Bytes of a value compressed to probe it: four slices, at its start, end and in between.
+DEFAULT_PROBE_SAMPLE_BYTES = 4 * 1024
+
+#: Share of its size a probed sample must save for the value to be compressed (0.03 = 3%);
+#: 0 compresses whatever shrinks at all, as for values below ``DEFAULT_PROBE_BYTES``.
+DEFAULT_MIN_SAVING = 0.03
+
+#: zstd level of the probe: level 1 entropy-codes literals as level 3 does (floats shrink
+#: mostly through that), at a fraction of the cost; negative levels would not.
+DEFAULT_PROBE_LEVEL = 1
+
 FIRST_DICT_ID = 32768
 LAST_DICT_ID = 2**31 - 1
 
@@ -84,9 +117,51 @@ CREATE TRIGGER IF NOT EXISTS _ls_dicts_no_delete BEFORE DELETE ON _ls_dicts
 BEGIN SELECT RAISE(ABORT, 'localstore dictionaries are kept forever: values may still use them'); END;
 """
 
-RAW, PLAIN, DICT, SHUFFLED = 0, 1, 2, 3
+RAW, PLAIN, DICT, SHUFFLED, CHECKED, NUMBERS = 0, 1, 2, 3, 4, 5
 _ID = struct.Struct(">I")
 _SHUF = struct.Struct(">BI")
+_CRC = struct.Struct(">I")
+
+
+def checked_raw(data: bytes) -> bytes:
+    """The 0x04 form of a value: flag, the bytes as they are, their CRC-32."""
+    return b"\x04" + data + _CRC.pack(zlib.crc32(data))
+
+
+def _shuffle(body: bytes, itemsize: int) -> bytes:
+    """Byte-plane order (every item's first byte, then every second byte...): floats then compress."""
+    import numpy as np
+
+    return np.frombuffer(body, np.uint8).reshape(-1, itemsize).T.tobytes()
+
+
+def _unshuffle(body: bytes, itemsize: int) -> bytes:
+    import numpy as np
+
+    if len(body) % itemsize:
+        raise CodecError(f"damaged numbers value ({len(body)} bytes of data is not a whole number of {itemsize}-byte items)")
+    return np.frombuffer(body, np.uint8).reshape(itemsize, -1).T.tobytes()
+
+
+def _check_prefix(prefix: bytes, itemsize: int, body_bytes: int) -> None:
+    """Cross-check an Array prefix against the item size and data it came with (a damaged header would misread)."""
+    if not prefix:
+        return
+    from .fields import _ARRAY_HEAD, array_dtype
+
+    try:
+        _, length = _ARRAY_HEAD.unpack_from(prefix)
+    except struct.error:
+        raise CodecError("damaged array header (truncated)") from None
+    if len(prefix) != _ARRAY_HEAD.size + length:
+        raise CodecError(f"damaged array header (its length says {length} bytes, the value holds {len(prefix) - _ARRAY_HEAD.size})")
+    try:
+        dtype = array_dtype(prefix[_ARRAY_HEAD.size :])
+    except ValueError as exc:
+        raise CodecError(f"damaged array header ({exc})") from None
+    expected = dtype.itemsize if dtype.itemsize > 1 and body_bytes else 1
+    if itemsize != expected:
+        raise CodecError(f"damaged numbers value (item size {itemsize}, but its array header says {dtype.str})")
 
 
 def _compressor(dict_data: zstd.ZstdCompressionDict | None = None) -> zstd.ZstdCompressor:
@@ -101,6 +176,8 @@ class Dictionaries:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.plain = _compressor()
+        #: Compresses probe samples only (no frame extras: just its size is looked at).
+        self.probe = zstd.ZstdCompressor(level=DEFAULT_PROBE_LEVEL, write_checksum=False, write_content_size=False)
         self._plain_d = zstd.ZstdDecompressor()
         self._by_id: dict[int, tuple[zstd.ZstdCompressor, zstd.ZstdDecompressor]] = {}
         self._lock = threading.Lock()
@@ -160,27 +237,35 @@ class Dictionaries:
         """Undo ``FieldCompressor.compress``; LookupError names a missing dictionary id, CodecError damage."""
         flag = data[0] if data else -1
         try:
+            if flag == CHECKED:
+                body = data[1:-4]
+                if len(data) < 5 or zlib.crc32(body) != _CRC.unpack_from(data, len(data) - 4)[0]:
+                    raise CodecError("the value fails its CRC-32 checksum (its bytes were altered)")
+                return body
             if flag == RAW:
                 return data[1:]
             if flag == PLAIN:
                 with self._lock:
-                    return bytes(self._plain_d.decompress(data[1:]))
-            if flag == DICT:
+                    out = bytes(self._plain_d.decompress(data[1:]))
+            elif flag == DICT:
                 (dict_id,) = _ID.unpack_from(data, 1)
                 _, dec = self.pair(dict_id)
                 with self._lock:
-                    return bytes(dec.decompress(data[5:]))
-            if flag == SHUFFLED:
-                import numpy as np
-
+                    out = bytes(dec.decompress(data[5:]))
+            elif flag == NUMBERS:
+                with self._lock:
+                    content = self._plain_d.decompress(data[1:])
+                itemsize, prefix_len = _SHUF.unpack_from(content)
+                start = _SHUF.size + prefix_len
+                return self._numbers(content[_SHUF.size : start], content[start:], itemsize)
+            elif flag == SHUFFLED:
                 itemsize, prefix_len = _SHUF.unpack_from(data, 1)
                 start = 1 + _SHUF.size
-                prefix = data[start : start + prefix_len]
                 with self._lock:
                     body = self._plain_d.decompress(data[start + prefix_len :])
-                if itemsize > 1:
-                    body = np.frombuffer(body, np.uint8).reshape(itemsize, -1).T.tobytes()
-                return bytes(prefix) + bytes(body)
+                return self._numbers(data[start : start + prefix_len], body, itemsize)
+            else:
+                raise CodecError(f"unknown compression flag {flag}")
         except zstd.ZstdError as exc:
             raise CodecError(f"damaged zstd frame ({exc})") from None
         except struct.error:
@@ -188,7 +273,18 @@ class Dictionaries:
         except (MemoryError, OverflowError, ValueError):
             # A damaged frame header can claim an absurd content size (zstd then tries to allocate it).
             raise CodecError("damaged zstd frame header (impossible content size)") from None
-        raise CodecError(f"unknown compression flag {flag}")
+        if not out:
+            # No value is ever compressed empty; python-zstandard returns b"" for a header that
+            # a flipped bit made claim a content size of 0, without reading the frame.
+            raise CodecError("damaged zstd frame header (it claims no content)")
+        return out
+
+    @staticmethod
+    def _numbers(prefix: bytes, body: bytes, itemsize: int) -> bytes:
+        if itemsize < 1:
+            raise CodecError("damaged numbers value (item size 0)")
+        _check_prefix(prefix, itemsize, len(body))
+        return bytes(prefix) + (_unshuffle(body, itemsize) if itemsize > 1 else bytes(body))
 
     def train(self, coll: str, field: str, samples: list[bytes]) -> tuple[int, int, float] | None:
         """Train a dictionary on samples (inside a write transaction) and store it; None if it does not help."""
@@ -230,18 +326,26 @@ class FieldCompressor:
     """Compresses one field's values; trains and retrains its dictionary as data accumulates."""
 
     def __init__(self, book: Dictionaries, coll: str, field: str, *, trainable: bool, itemsize: int | None,
-                 samples: Any = None) -> None:
+                 samples: Any = None, checked: bool = True) -> None:
         self.book = book
         self.coll, self.field = coll, field
         self.trainable = trainable
         #: For numbers: the item size to byte-shuffle by (0 for an Array, read from its header).
         self.itemsize = itemsize
+        #: Whether raw values carry a CRC-32 (0x04); False inside an encrypted value, whose tag covers them.
+        self.checked = checked
         self._samples = samples  # callable returning recent stored values, newest first
         self._dict: tuple[int, int, float] | None = None
         self._loaded = False
         self._since_check = DEFAULT_CHECK_BYTES  # the first write of a process checks
         self._raw = self._packed = self._since_dict = 0
         self._next_try = 0
+        #: Values stored raw because their probe said compressing would not pay (for benchmarks and tests).
+        self.probed_raw = 0
+
+    def raw(self, data: bytes) -> bytes:
+        """The raw form of a value: checked (0x04), or unchecked (0x00) inside an encrypted value."""
+        return checked_raw(data) if self.checked else b"\x00" + data
 
     def compress(self, data: bytes) -> bytes:
         """The flagged, compressed form of one value (raw if zstd does not make it smaller)."""
@@ -249,7 +353,9 @@ class FieldCompressor:
         if self.itemsize is not None:
             return self._shuffled(data)
         if n < DEFAULT_MIN_VALUE_BYTES:
-            return b"\x00" + data
+            return self.raw(data)
+        if n >= DEFAULT_PROBE_BYTES and not self.worth_compressing(data, 1):
+            return self.raw(data)
         if self.trainable:
             if not self._loaded:
                 self._dict, self._loaded = self.book.latest(self.coll, self.field), True
@@ -266,29 +372,50 @@ class FieldCompressor:
                     self._packed += len(frame) + 5
                     return b"\x02" + _ID.pack(current[0]) + frame
                 self._packed += n + 1
-                return b"\x00" + data
+                return self.raw(data)
             if current is not None:
                 self._dict = None  # its transaction was rolled back
         frame = self.book.plain.compress(data)
-        return b"\x01" + frame if len(frame) < n else b"\x00" + data
+        return b"\x01" + frame if len(frame) < n else self.raw(data)
+
+    def worth_compressing(self, body: bytes, itemsize: int) -> bool:
+        """Whether a sample of ``body`` shrinks by ``DEFAULT_MIN_SAVING`` at the probe's level.
+
+        The sample is four slices of whole items (at the start, the end and in between), so
+        a value whose parts differ is judged on all of them; numbers are shuffled as they
+        would be. It errs towards compressing: a value that is all alike in one place is kept.
+        """
+        piece = DEFAULT_PROBE_SAMPLE_BYTES // 4 // itemsize * itemsize
+        if piece == 0 or len(body) < 4 * piece:
+            return True
+        last = (len(body) - piece) // itemsize
+        offsets = [i * last // 3 * itemsize for i in range(4)]
+        sample = b"".join(body[at : at + piece] for at in offsets)
+        if itemsize > 1:
+            sample = _shuffle(sample, itemsize)
+        if len(self.book.probe.compress(sample)) <= len(sample) * (1 - DEFAULT_MIN_SAVING):
+            return True
+        self.probed_raw += 1
+        return False
 
     def _shuffled(self, data: bytes) -> bytes:
-        import numpy as np
-
         prefix, body, itemsize = b"", data, self.itemsize or 1
         if self.itemsize == 0:  # an Array: keep its dtype/shape header, shuffle the data by item size
-            from .fields import _ARRAY_HEAD
+            from .fields import _ARRAY_HEAD, array_dtype
 
             _, length = _ARRAY_HEAD.unpack_from(data)
             cut = _ARRAY_HEAD.size + length
             prefix, body = data[:cut], data[cut:]
-            itemsize = np.dtype(data[_ARRAY_HEAD.size : cut].decode("ascii").rpartition("|")[0]).itemsize
-        if itemsize > 1 and len(body) % itemsize == 0 and body:
-            body = np.frombuffer(body, np.uint8).reshape(-1, itemsize).T.tobytes()
-        else:
+            itemsize = array_dtype(data[_ARRAY_HEAD.size : cut]).itemsize
+        if not (itemsize > 1 and len(body) % itemsize == 0 and body):
             itemsize = 1
-        out = b"\x03" + _SHUF.pack(itemsize, len(prefix)) + prefix + self.book.plain.compress(body)
-        return out if len(out) < len(data) + 1 else b"\x00" + data
+        if len(data) >= DEFAULT_PROBE_BYTES and not self.worth_compressing(body, itemsize):
+            return self.raw(data)
+        if itemsize > 1:
+            body = _shuffle(body, itemsize)
+        # One frame holds the header too, so zstd's content checksum covers every byte.
+        frame = self.book.plain.compress(_SHUF.pack(itemsize, len(prefix)) + prefix + body)
+        return b"\x05" + frame if len(frame) < len(data) else self.raw(data)
 
     def _check(self) -> None:
         """Train a first dictionary, a larger one as data grows, or a new one when the ratio drops."""

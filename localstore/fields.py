@@ -8,6 +8,7 @@ collection and field, say what was expected and what was given.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from typing import Any, ClassVar
 
@@ -314,6 +315,25 @@ class Array(Field):
         return decode_array(stored)
 
 
+#: What ``dtype.str`` looks like ("<f4", "|u1", "<M8[ns]"): byte order, kind, item size, unit.
+_DTYPE_STR = re.compile(r"[<>|][a-zA-Z][0-9]+(\[[0-9]*[a-zA-Z]+\])?")
+
+
+def array_dtype(header: bytes) -> np.dtype[Any]:
+    """The dtype named by an Array header ("<f4|3,4"); ValueError unless ``Array.encode`` could have written it."""
+    # rpartition: the dtype string itself may contain "|" (e.g. "|u1"); the shape never does.
+    dtype_str = header.decode("ascii").rpartition("|")[0]
+    if not _DTYPE_STR.fullmatch(dtype_str):
+        raise ValueError(f"dtype {dtype_str!r} is not one Array.encode writes")
+    try:
+        dtype = np.dtype(dtype_str)
+    except Exception:  # noqa: BLE001 - numpy's dtype parser raises TypeError, SyntaxError, ... on odd strings
+        raise ValueError(f"dtype {dtype_str!r} is not understood") from None
+    if dtype.kind in "OV" or dtype.str != dtype_str:
+        raise ValueError(f"dtype {dtype_str!r} is not a plain dtype in Array.encode's spelling")
+    return dtype
+
+
 def decode_array(stored: bytes) -> np.ndarray:
     """Turn bytes written by ``Array.encode`` back into a writable numpy array."""
     try:
@@ -321,12 +341,15 @@ def decode_array(stored: bytes) -> np.ndarray:
         if magic != _ARRAY_MAGIC:
             raise ValueError("bad magic")
         start = _ARRAY_HEAD.size
-        # rpartition: the dtype string itself may contain "|" (e.g. "|u1"); the shape never does.
-        dtype_str, _, shape_str = stored[start : start + length].decode("ascii").rpartition("|")
-        shape = tuple(int(part) for part in shape_str.split(",") if part)
-        dtype = np.dtype(dtype_str)
-        if dtype.kind in "OV":
-            raise ValueError(f"dtype {dtype_str!r} is not a plain dtype")
+        header = stored[start : start + length]
+        if len(header) != length:
+            raise ValueError("truncated header")
+        dtype = array_dtype(header)
+        shape_str = header.decode("ascii").rpartition("|")[2]
+        parts = shape_str.split(",") if shape_str else []
+        if not all(part.isdigit() for part in parts):
+            raise ValueError(f"shape {shape_str!r} is not a list of sizes")
+        shape = tuple(int(part) for part in parts)
         data = np.frombuffer(stored, dtype=dtype, offset=start + length)
         return data.reshape(shape).copy()
     except (ValueError, TypeError, struct.error, UnicodeDecodeError) as exc:

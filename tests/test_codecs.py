@@ -6,6 +6,7 @@ import json
 import random
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +135,11 @@ def test_dictionaries_are_immutable_and_missing_ones_are_named(tmp_path: Path) -
             memories.find()
 
 
-def test_values_that_do_not_shrink_are_stored_raw(tmp_path: Path) -> None:
+def _crc(data: bytes) -> bytes:
+    return zlib.crc32(data).to_bytes(4, "big")
+
+
+def test_values_that_do_not_shrink_are_stored_raw_with_a_checksum(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     rng = random.Random(3)
     with ls.open(path) as store:
@@ -144,9 +149,153 @@ def test_values_that_do_not_shrink_are_stored_raw(tmp_path: Path) -> None:
         assert [r["b"] for r in coll.find()] == values
         assert [r["t"] for r in coll.find()] == [v.decode("latin-1") for v in values]
     stored = _column(path, "SELECT b FROM c ORDER BY id")
-    assert stored[0][:1] == b"\x00" and stored[0][1:] == values[0]
-    assert stored[1] == b"\x00tiny"
+    assert stored[0] == b"\x04" + values[0] + _crc(values[0])
+    assert stored[1] == b"\x04tiny" + _crc(b"tiny")
     assert stored[2][:1] == b"\x01" and len(stored[2]) < 40
+
+
+def test_every_damaged_byte_of_a_raw_value_is_detected(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    value = random.Random(4).randbytes(200)
+    with ls.open(path) as store:
+        coll = store.collection("c", key="id", fields={"id": ls.Integer(), "b": ls.Blob(compress=True)})
+        coll.put({"id": 1, "b": value})
+    stored = _column(path, "SELECT b FROM c")[0]
+    conn = apsw.Connection(str(path))
+    outcomes: dict[str, int] = {}
+    with ls.open(path) as store:
+        coll = store.collection("c")
+        for pos in range(1, len(stored)):  # the flag byte is the one part a checksum cannot cover
+            for mask in (0x01, 0x02, 0x10, 0x80, 0xFF):
+                damaged = bytearray(stored)
+                damaged[pos] ^= mask
+                conn.execute("UPDATE c SET b = ? WHERE id = 1", (bytes(damaged),))
+                try:
+                    got = coll.get(1)
+                except ls.CodecError as exc:
+                    assert "'c'" in str(exc) and "'b'" in str(exc) and "checksum" in str(exc)
+                    outcomes["detected"] = outcomes.get("detected", 0) + 1
+                else:
+                    outcomes["wrong" if got != {"id": 1, "b": value} else "same"] = 1
+        conn.execute("UPDATE c SET b = ? WHERE id = 1", (stored,))
+        assert coll.get(1) == {"id": 1, "b": value}
+    conn.close()
+    assert outcomes == {"detected": (len(stored) - 1) * 5}
+
+
+def _legacy_numbers(array: np.ndarray) -> bytes:
+    """An Array value in the previous 0x03 form, built from the format description."""
+    import zstandard
+
+    encoded = ls.Array().encode(array)
+    cut = 6 + int.from_bytes(encoded[4:6], "little")
+    prefix, body = encoded[:cut], encoded[cut:]
+    size = array.dtype.itemsize if body else 1  # the old writer did not shuffle empty data
+    shuffled = np.frombuffer(body, np.uint8).reshape(-1, size).T.tobytes() if size > 1 else body
+    frame = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(shuffled)
+    return b"\x03" + bytes([size]) + len(prefix).to_bytes(4, "big") + prefix + frame
+
+
+def test_values_in_the_previous_format_stay_readable(tmp_path: Path) -> None:
+    """Files written before raw values had a checksum (0x00) and numbers one frame (0x03) still read."""
+    path = tmp_path / "s.db"
+    arrays = [np.linspace(0, 1, 600).astype("<f4"), np.arange(24, dtype=">i8").reshape(2, 3, 4),
+              np.zeros(0, dtype="<f2"), np.array([True, False] * 40)]
+    with ls.open(path) as store:
+        coll = store.collection("c", key="id", fields={
+            "id": ls.Integer(), "b": ls.Blob(compress=True), "t": ls.Text(compress=True), "a": ls.Array(compress=True)})
+        coll.put_many([{"id": i, "b": b"new", "t": "new", "a": a} for i, a in enumerate(arrays)])
+    conn = apsw.Connection(str(path))
+    for i, a in enumerate(arrays):
+        conn.execute("UPDATE c SET b = ?, t = ?, a = ? WHERE id = ?",
+                     (b"\x00" + bytes([i]) * 40, b"\x00" + f"old text {i}".encode(), _legacy_numbers(a), i))
+    conn.close()
+    with ls.open(path) as store:
+        coll = store.collection("c")
+        for i, a in enumerate(arrays):
+            row = coll.get(i)
+            assert row is not None and row["b"] == bytes([i]) * 40 and row["t"] == f"old text {i}"
+            assert row["a"].dtype == a.dtype and row["a"].shape == a.shape and np.array_equal(row["a"], a)
+        coll.put({"id": 0, "b": bytes([0]) * 40, "t": "old text 0", "a": arrays[0]})  # rewritten in the new form
+    assert _column_rows(path, "SELECT substr(b, 1, 1), substr(a, 1, 1) FROM c WHERE id = 0") == [(b"\x01", b"\x05")]
+
+
+def test_a_damaged_array_header_in_the_previous_format_is_caught_by_its_cross_checks(tmp_path: Path) -> None:
+    """0x03 values have no checksum over their header; the item size must still agree with the dtype."""
+    path = tmp_path / "s.db"
+    array = np.linspace(0, 1, 600).astype("<f4")
+    with ls.open(path) as store:
+        store.collection("c", key="id", fields={"id": ls.Integer(), "a": ls.Array(compress=True)}).put({"id": 1, "a": array})
+    legacy = bytearray(_legacy_numbers(array))
+    conn = apsw.Connection(str(path))
+    with ls.open(path) as store:
+        coll = store.collection("c")
+        for itemsize in (1, 2, 8):  # a damaged item-size byte would unshuffle into a wrong array
+            legacy[1] = itemsize
+            conn.execute("UPDATE c SET a = ? WHERE id = 1", (bytes(legacy),))
+            with pytest.raises(ls.CodecError, match="item size"):
+                coll.get(1)
+    conn.close()
+
+
+def test_every_damaged_byte_of_a_compressed_array_is_detected(tmp_path: Path) -> None:
+    """0x05: one zstd frame holds the dtype/shape header and the data, so its checksum covers both."""
+    path = tmp_path / "s.db"
+    array = np.cumsum(np.random.default_rng(5).standard_normal(200)).astype("<f4").reshape(20, 10)
+    with ls.open(path) as store:
+        store.collection("c", key="id", fields={"id": ls.Integer(), "a": ls.Array(compress=True)}).put({"id": 1, "a": array})
+    stored = _column(path, "SELECT a FROM c")[0]
+    assert stored[:1] == b"\x05"
+    conn = apsw.Connection(str(path))
+    wrong = []
+    with ls.open(path) as store:
+        coll = store.collection("c")
+        for pos in range(1, len(stored)):
+            for mask in (0x01, 0x04, 0x10, 0x80, 0xFF):
+                damaged = bytearray(stored)
+                damaged[pos] ^= mask
+                conn.execute("UPDATE c SET a = ? WHERE id = 1", (bytes(damaged),))
+                try:
+                    got = coll.get(1)["a"]  # type: ignore[index]
+                except ls.CodecError:
+                    continue
+                if not (got.dtype == array.dtype and got.shape == array.shape and np.array_equal(got, array)):
+                    wrong.append((pos, mask))
+    conn.close()
+    assert wrong == []
+
+
+def test_incompressible_values_are_probed_and_stored_raw_without_compressing(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    noise = rng.integers(0, 2**32, 16384, dtype=np.uint32).view("<f4")  # random bits: nothing to gain
+    normal = rng.standard_normal(16384).astype("<f4")  # shrinks by about 8% once byte-shuffled
+    half = np.concatenate([noise[:8192], np.zeros(8192, "<f4")])  # noise, then zeros: the probe must see both
+    blob = rng.bytes(40_000)
+    with ls.open(tmp_path / "s.db") as store:
+        coll = store.collection("c", key="id", fields={"id": ls.Integer(), "a": ls.Array(compress=True), "b": ls.Blob(compress=True)})
+        coll.put({"id": 0, "a": None, "b": None})
+        probed = [coll._codec.fields[f].compressor for f in ("a", "b")]  # type: ignore[union-attr]
+        coll.put({"id": 1, "a": noise, "b": blob})
+        assert [c.probed_raw for c in probed] == [1, 1]  # type: ignore[union-attr]
+        coll.put_many([{"id": 2, "a": normal, "b": blob[:1000] * 40}, {"id": 3, "a": half, "b": None}])
+        assert [c.probed_raw for c in probed] == [1, 1]  # type: ignore[union-attr]  # neither was taken for noise
+        for i, want in ((1, noise), (2, normal), (3, half)):
+            got = coll.get(i)["a"]  # type: ignore[index]
+            assert got.dtype == want.dtype and np.array_equal(got.view("<u4"), want.view("<u4"))
+        assert coll.get(1)["b"] == blob and coll.get(2)["b"] == blob[:1000] * 40  # type: ignore[index]
+    stored = {r[0]: r[1:] for r in _column_rows(tmp_path / "s.db", "SELECT id, a, b FROM c")}
+    assert stored[1][0][:1] == b"\x04" and stored[1][1] == b"\x04" + blob + _crc(blob)
+    assert stored[2][0][:1] == b"\x05" and len(stored[2][0]) < normal.nbytes * 0.95
+    assert stored[2][1][:1] == b"\x01" and len(stored[2][1]) < 2000
+    assert stored[3][0][:1] == b"\x05" and len(stored[3][0]) < half.nbytes * 0.6
+
+
+def _column_rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
+    conn = apsw.Connection(str(path))
+    try:
+        return [tuple(r) for r in conn.execute(sql)]
+    finally:
+        conn.close()
 
 
 ARRAYS = [

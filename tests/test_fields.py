@@ -450,3 +450,25 @@ def test_field_classes_are_accepted_uninstantiated(store: ls.Store) -> None:
     coll.put({"k": "a", "n": 1, "r": 2.0})
     assert coll.get("a") == {"k": "a", "n": 1, "r": 2.0}
     assert math.isclose(coll.find(where={"n": 1})[0]["r"], 2.0)
+
+
+@pytest.mark.parametrize("value", [np.arange(12, dtype="<f4").reshape(3, 4), np.array([b"abc", b"d"], dtype="S3"),
+                                   np.zeros(5, dtype="<M8[ns]"), np.array(7, dtype=">i2")], ids=["f4", "S3", "M8", "0d"])
+def test_a_damaged_array_header_raises_corrupt_store_error_and_nothing_else(value: np.ndarray) -> None:
+    """Every byte of the magic, length and dtype/shape header, flipped every way: the right array or CorruptStoreError."""
+    from localstore.fields import decode_array
+
+    encoded = ls.Array().encode(value)
+    header_end = 6 + int.from_bytes(encoded[4:6], "little")
+    others: list[str] = []
+    for pos in range(header_end):
+        for mask in range(1, 256):
+            damaged = bytearray(encoded)
+            damaged[pos] ^= mask
+            try:
+                decode_array(bytes(damaged))
+            except ls.CorruptStoreError:
+                pass
+            except Exception as exc:  # noqa: BLE001 - the point of the test
+                others.append(f"byte {pos} ^ {mask:#x}: {exc!r}")
+    assert others == []
