@@ -210,32 +210,61 @@ def _raise_bad_text(coll: Collection, checked: list[tuple[Any, dict[str, Any]]])
 def _refresh_derived(
     coll: Collection, db: Any, checked: list[tuple[Any, dict[str, Any]]], found: dict[Any, tuple[int, Any]]
 ) -> None:
-    """Rewrite the vec0/FTS entries (and queue vector-cache patches) of rows whose indexed fields changed."""
+    """Bring the vec0/FTS entries (and the queued vector-cache patches) of changed rows up to date.
+
+    A row whose vector or full-text field changed is re-indexed from its stored values
+    as they now are (after every update of the batch). A row whose filter fields alone
+    changed keeps its vec0 entry: only the metadata columns are set, in update order.
+    """
     derived = coll._derived
     if derived.empty:
         return
-    indexes: list[tuple[Any, frozenset[str], str | None]] = [
-        (index, frozenset([name, *index.filters]), name) for name, index in derived.vectors.items()
-    ]
-    if derived.fulltext is not None:
-        indexes.append((derived.fulltext, frozenset(derived.fulltext.fields), None))
-    touched: list[tuple[Any, str | None, list[int]]] = []
-    for index, inputs, vector_field in indexes:
-        rowids = sorted({found[key][0] for key, values in checked if inputs.intersection(values)})
-        if rowids:
-            touched.append((index, vector_field, rowids))
-    if not touched:
-        return
-    wanted = sorted({r for _, _, rowids in touched for r in rowids})
-    cols = ", ".join(quote(n) for n in coll._order)
-    sql = f"SELECT rowid, {cols} FROM {coll._schema.table} WHERE rowid IN (SELECT value FROM json_each(?))"
-    stored = {int(r[0]): tuple(r[1:]) for r in db.execute(sql, (json.dumps(wanted),))}
+    store = coll.store
+    rewrite: dict[str, set[int]] = {}  # index name ("vec:<field>" or "fts") -> rowids to re-index
+    meta: dict[str, list[tuple[int, dict[str, Any]]]] = {}  # vector field -> (rowid, changed filter values)
+    for key, values in checked:
+        rowid = found[key][0]
+        for name, index in derived.vectors.items():
+            if name in values:
+                rewrite.setdefault(f"vec:{name}", set()).add(rowid)
+            else:
+                changed = {f: values[f] for f in index.filters if f in values}
+                if changed:
+                    meta.setdefault(name, []).append((rowid, changed))
+        if derived.fulltext is not None and any(f in values for f in derived.fulltext.fields):
+            rewrite.setdefault("fts", set()).add(rowid)
+    cached = {n for n in derived.vectors if (coll.name, n) in store._vectors.caches}
+    wanted = set().union(*rewrite.values(), (r for n in cached for r, _ in meta.get(n, ())))
+    stored: dict[int, tuple[Any, ...]] = {}
+    if wanted:
+        cols = ", ".join(quote(n) for n in coll._order)
+        sql = f"SELECT rowid, {cols} FROM {coll._schema.table} WHERE rowid IN (SELECT value FROM json_each(?))"
+        stored = {int(r[0]): tuple(r[1:]) for r in db.execute(sql, (json.dumps(sorted(wanted)),))}
     fpos = coll._filter_positions
-    for index, vector_field, rowids in touched:
-        db.executemany(index.sql_delete, [(r,) for r in rowids])
-        index.insert(db, rowids, [stored[r] for r in rowids])
-        if vector_field is not None:
-            pos = coll._vector_positions[vector_field]
-            coll.store._vectors.note(
-                coll.name, vector_field, [(r, stored[r][pos], tuple(stored[r][p] for p in fpos)) for r in rowids]
-            )
+    for name, index in derived.vectors.items():
+        full = sorted(rewrite.get(f"vec:{name}", ()))
+        if full:
+            db.executemany(index.sql_delete, [(r,) for r in full])
+            index.insert(db, full, [stored[r] for r in full])
+        # A re-indexed row already carries its final filter values.
+        _set_filters(index, db, [(r, v) for r, v in meta.get(name, ()) if r not in rewrite.get(f"vec:{name}", ())])
+        if name in cached:
+            touched = list(dict.fromkeys([*full, *(r for r, _ in meta.get(name, ()))]))
+            pos = coll._vector_positions[name]
+            store._vectors.note(coll.name, name, [(r, stored[r][pos], tuple(stored[r][p] for p in fpos)) for r in touched])
+    if derived.fulltext is not None and rewrite.get("fts"):
+        rows = sorted(rewrite["fts"])
+        db.executemany(derived.fulltext.sql_delete, [(r,) for r in rows])
+        derived.fulltext.insert(db, rows, [stored[r] for r in rows])
+
+
+def _set_filters(index: Any, db: Any, changes: list[tuple[int, dict[str, Any]]]) -> None:
+    """Apply filter-only changes to a vec0 index in order, one statement per run of the same fields."""
+    start = 0
+    while start < len(changes):
+        names = tuple(changes[start][1])
+        end = start + 1
+        while end < len(changes) and tuple(changes[end][1]) == names:
+            end += 1
+        index.update_filters(db, names, [(*v.values(), r) for r, v in changes[start:end]])
+        start = end

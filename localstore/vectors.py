@@ -174,6 +174,19 @@ class VectorIndex(VirtualIndex):
         if inserts:
             db.executemany(self.sql_insert, inserts)
 
+    def update_filters(self, db: apsw.Connection, names: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
+        """Set the filter (metadata) columns ``names`` of existing entries in place: rows are (values..., rowid).
+
+        Values are stored values (None becomes the column's sentinel). Rows without a
+        vector have no entry, and the UPDATE leaves them be; the vector is not rewritten.
+        """
+        sentinels = [self.sentinels[self.filters.index(n)] for n in names]
+        sets = ", ".join(f"{_meta(n)} = ?" for n in names)
+        db.executemany(
+            f"UPDATE {self.table} SET {sets} WHERE rowid = ?",
+            [(*(s if v is None else v for v, s in zip(row, sentinels)), row[-1]) for row in rows],
+        )
+
     def delete(self, db: apsw.Connection, rowids: list[int]) -> None:
         """Remove the index entries of deleted rows."""
         db.executemany(self.sql_delete, [(r,) for r in rowids])

@@ -168,6 +168,23 @@ def test_vector_filter_and_fulltext_indexes_follow_updates(store: ls.Store) -> N
     assert store.verify().ok
 
 
+def test_mixed_batch_of_filter_and_vector_changes_indexes_the_final_values(store: ls.Store) -> None:
+    items = _items(store)
+    items.put_many([_row("a"), _row("b"), _row("c", vec=None)])
+    items.nearest("vec", [1.0, 0.0, 0.0], k=1)  # builds the cache, which must follow too
+    items.update_many([
+        ("a", {"kind": "x"}), ("a", {"vec": [0.0, 1.0, 0.0], "kind": "y"}),  # a filter change, then a re-index
+        ("b", {"kind": "p"}), ("b", {"kind": None}),                         # two filter changes, in order
+        ("c", {"kind": "q"}),                                                # no vector: no vec0 entry to change
+    ])
+    probe = [0.0, 1.0, 0.0]
+    for engine in ("cache", "vec0"):
+        found = {tag: [h.key for h in items.nearest("vec", probe, k=3, where={"kind": tag}, engine=engine)]
+                 for tag in ("x", "y", "p", "q", None)}
+        assert found == {"x": [], "y": ["a"], "p": [], "q": [], None: ["b"]}, engine
+    assert store.verify().ok
+
+
 def test_fisher_rao_vectors_are_normalised_as_by_put(store: ls.Store) -> None:
     coll = store.collection("p", key="k", fields={"k": ls.Text(), "p": ls.Vector(3, metric="fisher_rao")})
     coll.put({"k": "a", "p": [1.0, 1.0, 2.0]})

@@ -124,27 +124,40 @@ def test_checkpoints_rank_best_prune_and_history(tm: Telemetry) -> None:
                               state_dict={"w": np.full(4, phi)}, created_at=i)
            for i, phi in enumerate([0.3, 0.9, 0.5, 0.7])]
     other = tm.save_checkpoint("s2", phi=0.95, basin_coords=basin(9), created_at=10)
-    ranks = {r["checkpoint_id"]: (r["rank"], r["is_best"]) for r in tm.checkpoints.find({"session_id": "s1"})}
+    listed = tm.list_checkpoints("s1")
+    assert [r["checkpoint_id"] for r in listed] == [ids[1], ids[3], ids[2], ids[0]]
+    ranks = {r["checkpoint_id"]: (r["rank"], r["is_best"]) for r in listed}
     assert ranks == {ids[0]: (4, False), ids[1]: (1, True), ids[2]: (3, False), ids[3]: (2, False)}
+    assert "state_dict" not in listed[0]
+    assert tm.ranks(["s1", "s2"]) == {ids[0]: 4, ids[1]: 1, ids[2]: 3, ids[3]: 2, other: 1}
+    # The stored is_best flag (a vec0 filter) marks exactly each session's best.
+    assert {r["checkpoint_id"] for r in tm.checkpoints.find({"is_best": True}, fields=[])} == {ids[1], other}
     best = tm.get_best_checkpoint("s1")
     assert best is not None and best["checkpoint_id"] == ids[1] and np.array_equal(best["state_dict"]["w"], np.full(4, 0.9))
+    assert (best["rank"], best["is_best"]) == (1, True)
     assert tm.get_best_checkpoint()["checkpoint_id"] == other  # type: ignore[index]
-    assert [c["phi"] for c in tm.best_checkpoints(limit=3)] == [0.95, 0.9, 0.7]
-    assert "state_dict" not in tm.best_checkpoints()[0]
+    assert tm.get_best_checkpoint("s2")["state_dict"] is None  # type: ignore[index]
+    top = tm.best_checkpoints(limit=3)
+    assert [(c["phi"], c["rank"]) for c in top] == [(0.95, 1), (0.9, 1), (0.7, 2)]
+    assert "state_dict" not in top[0]
 
     pruned = tm.prune_checkpoints(keep=2, session_id="s1")
     assert sorted(pruned) == sorted([ids[0], ids[2]])
-    assert {r["checkpoint_id"]: r["rank"] for r in tm.checkpoints.find({"session_id": "s1"})} == {ids[1]: 1, ids[3]: 2}
+    assert {r["checkpoint_id"]: r["rank"] for r in tm.list_checkpoints("s1")} == {ids[1]: 1, ids[3]: 2}
     assert tm.checkpoints.get(other) is not None
-    actions = [h["action"] for h in tm.checkpoint_history(ids[0])]
-    assert actions[0] == "created" and actions[-1] == "pruned" and "ranked" in actions
+    assert tm.states.get(ids[0]) is None and tm.states.get(ids[3]) is not None
+    history = tm.checkpoint_history(ids[0])
+    # Ranks are computed when read, so a save logs no "ranked" entries for the other checkpoints.
+    assert [h["action"] for h in history] == ["created", "pruned"]
+    assert history[-1]["details"] == {"phi": 0.3, "rank": 4}
     loaded = tm.load_checkpoint(ids[3])
-    assert loaded is not None and loaded["state_dict"]["w"][0] == pytest.approx(0.7)
+    assert loaded is not None and loaded["state_dict"]["w"][0] == pytest.approx(0.7) and loaded["rank"] == 2
     assert tm.checkpoint_history(ids[3])[-1]["action"] == "loaded"
     assert tm.load_checkpoint("nope") is None
     # Store-wide prune keeps the global best.
     assert sorted(tm.prune_checkpoints(keep=1)) == sorted([ids[1], ids[3]])
     assert [c["checkpoint_id"] for c in tm.checkpoints.find()] == [other]
+    assert tm.states.count() == 0  # ``other`` was saved without a state
     with pytest.raises(ls.ValidationError):
         tm.prune_checkpoints(keep=0)
 
@@ -229,3 +242,92 @@ def test_basin_metric_is_checked_and_remembered(tmp_path: Path) -> None:
         Telemetry(store)
         with pytest.raises(ls.SchemaError, match="cosine"):
             Telemetry(store, basin_metric="fisher_rao")
+
+
+def _check_best_flags(tm: Telemetry) -> None:
+    """The stored is_best flags mark exactly the rank-1 checkpoint of each session."""
+    flagged = {r["checkpoint_id"] for r in tm.checkpoints.find({"is_best": True}, fields=[])}
+    assert flagged == {r["checkpoint_id"] for r in tm.list_checkpoints() if r["rank"] == 1}
+
+
+def test_best_flag_stays_exact_through_saves_resaves_and_prunes(tm: Telemetry) -> None:
+    rng = np.random.default_rng(7)
+    for sid in ("a", "b"):
+        tm.start_session(sid)
+    for i in range(60):
+        sid = "ab"[int(rng.integers(2))]
+        # Few distinct phi values and times, so ties on both happen; some ids are saved again.
+        cid = f"c{int(rng.integers(40))}"
+        tm.save_checkpoint(sid, phi=float(rng.integers(5)) / 4, created_at=int(rng.integers(6)), checkpoint_id=cid)
+        _check_best_flags(tm)
+        rows = tm.list_checkpoints(sid)
+        order = sorted(rows, key=lambda r: (-r["phi"], r["created_at"]))  # stable: ties keep storage order
+        assert [r["phi"] for r in rows] == [r["phi"] for r in order]
+        assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
+    tm.prune_checkpoints(keep=3, session_id="a")
+    _check_best_flags(tm)
+    tm.prune_checkpoints(keep=2)
+    _check_best_flags(tm)
+    assert tm.store.verify().ok
+
+
+def test_a_save_rewrites_no_other_checkpoint(tm: Telemetry, store: ls.Store) -> None:
+    """Each save writes its own rows plus at most the previous best's flag; states are never copied."""
+    sid = tm.start_session("s")
+    state = {"w": np.arange(4096, dtype="<f4")}  # 16 KB that a rewrite would copy into the change log
+    sizes = []
+    for i in range(30):
+        before = store.changelog.last_seq()
+        tm.save_checkpoint(sid, phi=i / 30, state_dict=state)  # each one the new best
+        changes = store.changelog.changes(after=before, limit=100, max_bytes=1 << 40)
+        sizes.append(sum(c.size for c in changes))
+        kinds = sorted((c.collection, c.op) for c in changes)
+        expected = [("checkpoint_history", "put"), ("checkpoint_states", "put"), ("checkpoints", "put")]
+        assert kinds == sorted(expected + ([("checkpoints", "put")] if i else []))
+    # The log of the first save holds the state once; later saves cost the same, not more and more.
+    assert max(sizes[1:]) < sizes[0] + 2_000
+    every = store.changelog.changes(limit=10_000, max_bytes=1 << 40)
+    assert sum(c.size for c in every if c.collection == "checkpoint_states") < 31 * len(encode_state(state))  # type: ignore[arg-type]
+    assert tm.load_checkpoint(tm.list_checkpoints(sid)[-1]["checkpoint_id"])["rank"] == 30  # type: ignore[index]
+
+
+def test_checkpoints_saved_by_earlier_versions_are_read(tm: Telemetry) -> None:
+    """A store written before checkpoint_states: states in checkpoints.state_dict as JSON + .npz, ranks stored."""
+    import io
+    import json
+    import struct
+
+    tm.start_session("s")
+    w = np.arange(6, dtype="<f8").reshape(2, 3)
+    head = json.dumps({"json": {"lr": 0.5}, "arrays": ["w"]}).encode()
+    npz = io.BytesIO()
+    np.savez(npz, w=w)
+    legacy = struct.pack("<4sI", b"LSCK", len(head)) + head + npz.getvalue()
+    tm.checkpoints.put({"checkpoint_id": "old", "session_id": "s", "phi": 0.5, "created_at": 1.0,
+                        "state_dict": legacy, "rank": 1, "is_best": True})
+    loaded = tm.load_checkpoint("old")
+    assert loaded is not None and loaded["state_dict"]["lr"] == 0.5 and np.array_equal(loaded["state_dict"]["w"], w)
+    new = tm.save_checkpoint("s", phi=0.9, state_dict={"v": np.ones(2)}, created_at=2.0)
+    assert [(r["checkpoint_id"], r["rank"]) for r in tm.list_checkpoints("s")] == [(new, 1), ("old", 2)]
+    _check_best_flags(tm)
+    assert tm.get_best_checkpoint("s")["state_dict"]["v"].tolist() == [1.0, 1.0]  # type: ignore[index]
+    tm.save_checkpoint("s", phi=0.1, checkpoint_id="old", created_at=1.0)  # saved again: its old state goes
+    assert tm.load_checkpoint("old")["state_dict"] is None  # type: ignore[index]
+
+
+def test_state_layout_keeps_dtypes_shapes_and_detects_damage() -> None:
+    state = {"f": np.asfortranarray(np.arange(6, dtype=">i4").reshape(2, 3)), "b": np.array([True, False]),
+             "z": np.zeros((0, 3), dtype="<f2"), "s": np.array(3.5), "text": "x" * 2_000, "n": None}
+    blob = encode_state(state)
+    assert blob is not None and len(blob) < 1_000  # the repetitive JSON part is compressed
+    back = decode_state(blob)
+    assert back is not None and back.keys() == state.keys()
+    for name in ("f", "b", "z", "s"):
+        assert back[name].dtype == state[name].dtype and back[name].shape == state[name].shape
+        assert np.array_equal(back[name], state[name])
+    back["f"][0, 0] = 99  # arrays come back writable
+    assert (back["text"], back["n"]) == ("x" * 2_000, None)
+    with pytest.raises(ls.CorruptStoreError):
+        decode_state(blob[:-3])
+    with pytest.raises(ls.ValidationError):
+        decode_state(b"nope")

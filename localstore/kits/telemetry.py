@@ -9,13 +9,22 @@
     tm.record_emergency(sid, reason="phi collapse", severity="critical", metric="phi", value=0.1, threshold=0.3)
     tm.end_session(sid)                       # computes total_steps, avg_phi, max_phi, emergency_count
     tm.save_checkpoint(sid, phi=0.82, kappa=64.1, regime="geometric", basin_coords=p, state_dict={"w": w})
-    tm.get_best_checkpoint(); tm.prune_checkpoints(keep=5)
+    tm.get_best_checkpoint(); tm.list_checkpoints(sid); tm.prune_checkpoints(keep=5)
     tm.latest_telemetry(); tm.best_checkpoints(); tm.emergency_summary(); tm.session_stats()
     tm.delete_telemetry_older_than(days=30)
 
 Collections (names as the systems they replace use them): ``telemetry_sessions``,
-``telemetry_records``, ``emergency_events``, ``checkpoints``, ``checkpoint_history``,
-``basin_history``. Timestamps are Unix seconds (UTC).
+``telemetry_records``, ``emergency_events``, ``checkpoints``, ``checkpoint_states``,
+``checkpoint_history``, ``basin_history``. Timestamps are Unix seconds (UTC).
+
+Checkpoints. A save writes the small ``checkpoints`` row, the state in
+``checkpoint_states`` (once; never rewritten) and a "created" history entry, and
+touches no other checkpoint but the previous best, whose ``is_best`` flag is cleared
+by a partial update. A checkpoint's rank in its session (1 = highest phi, ties to
+the older) is computed when read (``ranks``, ``list_checkpoints``, ``load_checkpoint``),
+so saving costs the same at the thousandth checkpoint of a session as at the first.
+Stores written by earlier versions keep their states in ``checkpoints.state_dict``
+and are read as before.
 
 Keys. A telemetry record's key is ``"<session_id>#<step, 12 digits>"`` (basin
 history likewise), so re-recording a step replaces it, a session's records are one
@@ -28,10 +37,12 @@ from __future__ import annotations
 import io
 import json
 import struct
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
+import zstandard as zstd
 
 import localstore as ls
 
@@ -47,11 +58,30 @@ STEP_DIGITS = 12
 MAX_STEP = 10**STEP_DIGITS - 1
 #: Records read per page when a session's records are scanned (``end_session``, stats).
 DEFAULT_PAGE = 20_000
-_STATE_MAGIC = b"LSCK"
+#: The state layout written by ``encode_state``, and the ``.npz`` one written before it (still read).
+_STATE_MAGIC = b"LSC2"
+_STATE_MAGIC_NPZ = b"LSCK"
+#: Flag: the state's JSON head is a zstd frame.
+_STATE_ZSTD = 1
+#: JSON heads shorter than this many bytes are stored as they are.
+_STATE_MIN_COMPRESS = 256
+#: zstd level for the JSON part of a checkpoint state (3: zstd's default balance of speed and ratio).
+STATE_ZSTD_LEVEL = 3
 _RECORD_KEYS = frozenset({"session_id", "step", "timestamp", "phi", "kappa_eff", "regime", "basin_distance", "emergency"})
 # A float strictly between these is finite (NaN fails every comparison).
 _FINITE_MIN, _FINITE_MAX = float("-inf"), float("inf")
-_STATE_HEAD = struct.Struct("<4sI")
+_STATE_HEAD = struct.Struct("<4sIB")
+_STATE_HEAD_NPZ = struct.Struct("<4sI")
+_LOCAL = threading.local()
+
+
+#: The order of checkpoints by merit: highest phi first, ties to the older (then the earlier written).
+BEST_ORDER = ("-phi", "created_at")
+
+
+def _outranks(new: Mapping[str, Any], old: Mapping[str, Any]) -> bool:
+    """Whether a new checkpoint ranks above an existing one (an exact tie goes to the one written first)."""
+    return bool(new["phi"] > old["phi"] or (new["phi"] == old["phi"] and new["created_at"] < old["created_at"]))
 
 
 def record_key(session_id: str, step: int) -> str:
@@ -72,41 +102,89 @@ def check_session_id(session_id: Any) -> str:
 
 
 def encode_state(state: Mapping[str, Any] | None) -> bytes | None:
-    """Pack a state dict: numpy arrays into an ``.npz`` (no pickle), everything else as JSON."""
+    """Pack a state dict: numpy arrays as raw bytes (dtype and shape kept, no pickle), the rest as JSON.
+
+    Layout: ``LSC2``, the head's length and a flag byte, the head (JSON: the non-array
+    values and each array's name, dtype and shape; zstd-compressed when that shrinks
+    it), then each array's bytes in C order. Only the JSON is compressed: float
+    arrays barely shrink under zstd and would cost most of the time of a save.
+    """
     if state is None:
         return None
     if not isinstance(state, Mapping):
         raise ls.ValidationError(f"checkpoints.state_dict: expected a dict of name -> array or JSON value, got {type(state).__name__}")
-    arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
-    rest = {k: v for k, v in state.items() if not isinstance(v, np.ndarray)}
     if not all(isinstance(k, str) for k in state):
         raise ls.ValidationError("checkpoints.state_dict: keys must be strings")
+    arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
+    rest = {k: v for k, v in state.items() if not isinstance(v, np.ndarray)}
+    if any(a.dtype.kind in "OV" or a.dtype.fields is not None for a in arrays.values()):
+        raise ls.ValidationError("checkpoints.state_dict: arrays must have a plain dtype (not object or structured)")
+    specs = [[name, a.dtype.str, list(a.shape)] for name, a in arrays.items()]
     try:
-        head = json.dumps({"json": rest, "arrays": list(arrays)}, allow_nan=False).encode()
+        head = json.dumps({"json": rest, "arrays": specs}, allow_nan=False, separators=(",", ":")).encode()
     except (TypeError, ValueError) as exc:
         raise ls.ValidationError(f"checkpoints.state_dict: a value is neither a numpy array nor JSON-representable ({exc})") from None
-    buf = io.BytesIO()
-    if arrays:
-        if any(a.dtype.kind in "OV" for a in arrays.values()):
-            raise ls.ValidationError("checkpoints.state_dict: arrays must have a plain dtype (not object or structured)")
-        np.savez(buf, **arrays)  # type: ignore[arg-type]
-    return _STATE_HEAD.pack(_STATE_MAGIC, len(head)) + head + buf.getvalue()
+    flags = 0
+    if len(head) >= _STATE_MIN_COMPRESS:
+        packed = _zstd_compressor().compress(head)
+        if len(packed) < len(head):
+            head, flags = packed, _STATE_ZSTD
+    parts = [_STATE_HEAD.pack(_STATE_MAGIC, len(head), flags), head]
+    parts += [np.ascontiguousarray(a).tobytes() for a in arrays.values()]
+    return b"".join(parts)
 
 
 def decode_state(blob: Any) -> dict[str, Any] | None:
-    """Unpack what ``encode_state`` wrote."""
+    """Unpack what ``encode_state`` wrote (also the ``.npz`` layout of earlier versions)."""
     if blob is None or blob is ls.FORGOTTEN:
         return None
-    magic, length = _STATE_HEAD.unpack_from(blob)
+    if bytes(blob[:4]) == _STATE_MAGIC_NPZ:
+        return _decode_npz_state(blob)
+    try:
+        magic, length, flags = _STATE_HEAD.unpack_from(blob)
+    except struct.error:
+        magic = b""
     if magic != _STATE_MAGIC:
         raise ls.ValidationError("checkpoints.state_dict: not a state written by the telemetry kit")
     start = _STATE_HEAD.size
+    head = bytes(blob[start:start + length])
+    try:
+        if flags & _STATE_ZSTD:
+            head = zstd.ZstdDecompressor().decompress(head)
+        meta = json.loads(head)
+        out: dict[str, Any] = dict(meta["json"])
+        data = bytearray(blob[start + length:])  # one writable buffer that the arrays share
+        offset = 0
+        for name, dtype_str, shape in meta["arrays"]:
+            dtype = np.dtype(dtype_str)
+            count = int(np.prod(shape, dtype=np.int64))
+            out[name] = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+            offset += count * dtype.itemsize
+        if offset != len(data):
+            raise ValueError(f"{len(data) - offset} bytes left over after the arrays")
+    except (zstd.ZstdError, ValueError, TypeError, KeyError) as exc:
+        raise ls.CorruptStoreError(f"checkpoints.state_dict: a stored state is damaged ({exc}); restore it from a backup") from None
+    return out
+
+
+def _decode_npz_state(blob: Any) -> dict[str, Any]:
+    """Unpack the layout written before ``LSC2``: JSON head, then an ``.npz`` of the arrays."""
+    magic, length = _STATE_HEAD_NPZ.unpack_from(blob)
+    start = _STATE_HEAD_NPZ.size
     head = json.loads(blob[start:start + length])
     out: dict[str, Any] = dict(head["json"])
     if head["arrays"]:
         with np.load(io.BytesIO(blob[start + length:]), allow_pickle=False) as npz:
             out.update({name: npz[name] for name in head["arrays"]})
     return out
+
+
+def _zstd_compressor() -> zstd.ZstdCompressor:
+    """One compressor per thread (a ZstdCompressor must not be shared by threads)."""
+    compressor: zstd.ZstdCompressor | None = getattr(_LOCAL, "zstd", None)
+    if compressor is None:
+        compressor = _LOCAL.zstd = zstd.ZstdCompressor(level=STATE_ZSTD_LEVEL)
+    return compressor
 
 
 class Telemetry:
@@ -171,11 +249,19 @@ class Telemetry:
             "kappa": ls.Real(),
             "regime": ls.Text(filter=True),
             "basin_coords": ls.Vector(BASIN_DIM, metric=basin_metric),
-            "state_dict": ls.Blob(compress=True),    # see encode_state
+            "state_dict": ls.Blob(compress=True),    # earlier versions' states; new ones are in checkpoint_states
             "metadata": ls.Json(default={}),
-            "rank": ls.Integer(),                    # 1 = highest phi within its session
-            "is_best": ls.Boolean(filter=True, default=False),
+            "rank": ls.Integer(),                    # no longer stored (see ranks()); kept for earlier stores
+            "is_best": ls.Boolean(filter=True, default=False),  # the session's top checkpoint, kept current
         })
+        # A state is written once and never rewritten, so the small checkpoint rows can change
+        # (is_best) without copying it. The kit compresses its JSON part (see encode_state).
+        self.states = store.collection("checkpoint_states", key="checkpoint_id", fields={
+            "checkpoint_id": ls.Text(),
+            "session_id": ls.Text(),
+            "state": ls.Blob(),
+        })
+        self._meta = [n for n in self.checkpoints.fields if n != "state_dict"]
         self.history = store.collection("checkpoint_history", key="history_id", fields={
             "history_id": ls.Text(),
             "checkpoint_id": ls.Text(index=True),
@@ -418,10 +504,12 @@ class Telemetry:
         basin_coords: Any = None, state_dict: Mapping[str, Any] | None = None,
         metadata: dict[str, Any] | None = None, checkpoint_id: str | None = None, created_at: Any = None,
     ) -> str:
-        """Save a checkpoint, re-rank the session's checkpoints by phi, log history; return its id.
+        """Save a checkpoint and log it as "created"; return its id.
 
-        ``state_dict`` maps names to numpy arrays (kept exactly, no pickle) or JSON values;
-        it is stored zstd-compressed.
+        ``state_dict`` maps names to numpy arrays (kept exactly, no pickle) or JSON values
+        (see ``encode_state``); it goes to ``checkpoint_states``, written once. No other
+        checkpoint is rewritten: ranks are computed when read, and only the ``is_best``
+        flag of the session's previous best changes (one partial update of a small row).
         """
         cid = new_id() if checkpoint_id is None else checkpoint_id
         if not isinstance(cid, str) or not cid:
@@ -430,81 +518,139 @@ class Telemetry:
         row = {
             "checkpoint_id": cid, "session_id": session_id, "phi": finite(phi, f"{where}.phi"),
             "kappa": None if kappa is None else finite(kappa, f"{where}.kappa"), "regime": regime,
-            "basin_coords": basin_coords, "state_dict": encode_state(state_dict), "metadata": metadata or {},
+            "basin_coords": basin_coords, "metadata": metadata or {},
             "created_at": now() if created_at is None else to_epoch(created_at, f"{where}.created_at"),
         }
+        state = encode_state(state_dict)
         with self.store.transaction():
             self._require_session(session_id)
-            self.checkpoints.put(row)
+            previous = self.checkpoints.get(cid, fields=["session_id"])
+            if previous is None:
+                self._put_new_checkpoint(row)
+            else:  # saved again under its id: its session's best may move either way
+                self.checkpoints.put(row)
+                self._fix_best({session_id, previous["session_id"]})
+            if state is not None:
+                self.states.put({"checkpoint_id": cid, "session_id": session_id, "state": state})
+            elif previous is not None:
+                self.states.delete(cid)
             self._log(cid, session_id, "created", {"phi": row["phi"]})
-            self._rerank(session_id, quiet=cid)
         return cid
+
+    def _put_new_checkpoint(self, row: dict[str, Any]) -> None:
+        """Write a new checkpoint row, flagged ``is_best`` if it outranks its session's best, which then loses the flag."""
+        sid = row["session_id"]
+        holders = self.checkpoints.find(where={"session_id": sid, "is_best": True}, fields=["phi", "created_at"])
+        if not holders:  # a first checkpoint, or a session whose best was deleted behind the kit's back
+            holders = self.checkpoints.find(where={"session_id": sid}, fields=["phi", "created_at", "is_best"],
+                                            order_by=[*BEST_ORDER], limit=1)
+        row["is_best"] = all(_outranks(row, h) for h in holders)
+        self.checkpoints.put(row)
+        if row["is_best"]:
+            self.checkpoints.update_many({h["checkpoint_id"]: {"is_best": False} for h in holders if h.get("is_best", True)})
+
+    def _fix_best(self, session_ids: Iterable[str]) -> None:
+        """Make ``is_best`` true for exactly each session's top checkpoint (after a prune or a re-save)."""
+        changes: dict[str, dict[str, Any]] = {}
+        for sid in sorted(session_ids):
+            top = self.checkpoints.find(where={"session_id": sid}, fields=["is_best"], order_by=[*BEST_ORDER], limit=1)
+            holders = self.checkpoints.find(where={"session_id": sid, "is_best": True}, fields=[])
+            best = top[0]["checkpoint_id"] if top else None
+            changes.update({h["checkpoint_id"]: {"is_best": False} for h in holders if h["checkpoint_id"] != best})
+            if top and not top[0]["is_best"]:
+                changes[top[0]["checkpoint_id"]] = {"is_best": True}
+        self.checkpoints.update_many(changes)
 
     def _log(self, checkpoint_id: str, session_id: str, action: str, details: dict[str, Any]) -> None:
         self.history.put({"history_id": new_id(), "checkpoint_id": checkpoint_id, "session_id": session_id,
                           "action": action, "timestamp": now(), "details": details})
 
-    def _rerank(self, session_id: str, quiet: str | None = None) -> None:
-        """Give the session's checkpoints rank 1.. by phi (ties: older first); log changed ranks."""
-        rows = self._checkpoint_rows({"session_id": session_id})
-        rows.sort(key=lambda r: (-r["phi"], r["created_at"]))
-        changed = []
-        for rank, row in enumerate(rows, 1):
-            if row["rank"] != rank or row["is_best"] != (rank == 1):
-                if row["checkpoint_id"] != quiet and row["rank"] is not None:
-                    self._log(row["checkpoint_id"], session_id, "ranked", {"from": row["rank"], "to": rank})
-                row["rank"], row["is_best"] = rank, rank == 1
-                changed.append(row)
-        self.checkpoints.put_many(changed)
+    def ranks(self, session_ids: Iterable[str]) -> dict[str, int]:
+        """The rank of every checkpoint of these sessions: 1 = highest phi in its session (ties: older first)."""
+        sids = sorted(set(session_ids))
+        if not sids:
+            return {}
+        rows = self.checkpoints.find(where={"session_id": {"in": sids}}, fields=["session_id"],
+                                     order_by=["session_id", *BEST_ORDER])
+        out: dict[str, int] = {}
+        current, rank = None, 0
+        for r in rows:
+            rank = rank + 1 if r["session_id"] == current else 1
+            current = r["session_id"]
+            out[r["checkpoint_id"]] = rank
+        return out
 
-    def _checkpoint_rows(self, where: dict[str, Any] | None, **kw: Any) -> list[dict[str, Any]]:
-        return self.checkpoints.find(where=where, **kw)
+    def _ranked(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Fill each row's ``rank`` and ``is_best`` from the current ranking of its session."""
+        ranks = self.ranks(r["session_id"] for r in rows)
+        for row in rows:
+            row["rank"] = ranks.get(row["checkpoint_id"])
+            row["is_best"] = row["rank"] == 1
+        return rows
+
+    def _state(self, checkpoint_id: str) -> dict[str, Any] | None:
+        """A checkpoint's state, unpacked: from ``checkpoint_states``, or from the row itself for checkpoints saved before."""
+        found = self.states.get(checkpoint_id, fields=["state"])
+        if found is not None:
+            return decode_state(found["state"])
+        legacy = self.checkpoints.get(checkpoint_id, fields=["state_dict"])
+        return None if legacy is None else decode_state(legacy["state_dict"])
+
+    def list_checkpoints(self, session_id: str | None = None) -> list[dict[str, Any]]:
+        """Checkpoints (of a session, or all) without their state: by session, then rank (best first)."""
+        where = None if session_id is None else {"session_id": session_id}
+        rows = self.checkpoints.find(where, fields=self._meta, order_by=["session_id", *BEST_ORDER])
+        return self._ranked(rows)
 
     def load_checkpoint(self, checkpoint_id: str) -> dict[str, Any] | None:
-        """The checkpoint with its state_dict unpacked (logged as "loaded"), or None."""
+        """The checkpoint with its state_dict unpacked and its rank (logged as "loaded"), or None."""
         with self.store.transaction():
-            row = self.checkpoints.get(checkpoint_id)
+            row = self.checkpoints.get(checkpoint_id, fields=self._meta)
             if row is None:
                 return None
             self._log(checkpoint_id, row["session_id"], "loaded", {})
-        row["state_dict"] = decode_state(row["state_dict"])
+            self._ranked([row])
+            row["state_dict"] = self._state(checkpoint_id)
         return row
 
     def get_best_checkpoint(self, session_id: str | None = None) -> dict[str, Any] | None:
         """The checkpoint with the highest phi (of the session, or of the store), state unpacked; or None."""
         where = None if session_id is None else {"session_id": session_id}
-        rows = self._checkpoint_rows(where, order_by=["-phi", "created_at"], limit=1)
-        if not rows:
-            return None
-        rows[0]["state_dict"] = decode_state(rows[0]["state_dict"])
-        return rows[0]
+        with self.store.transaction():  # one snapshot for the row and its state
+            rows = self.checkpoints.find(where, fields=self._meta, order_by=[*BEST_ORDER], limit=1)
+            if not rows:
+                return None
+            row = rows[0]
+            row["rank"], row["is_best"] = 1, True  # the best of the store is the best of its session too
+            row["state_dict"] = self._state(row["checkpoint_id"])
+        return row
 
     def best_checkpoints(self, limit: int = 10) -> list[dict[str, Any]]:
-        """The top checkpoints by phi across sessions, without their state_dict."""
-        rows = self._checkpoint_rows(None, order_by=["-phi", "created_at"], limit=limit)
-        for row in rows:
-            del row["state_dict"]
-        return rows
+        """The top checkpoints by phi across sessions, with their rank in their session, without their state_dict."""
+        return self._ranked(self.checkpoints.find(None, fields=self._meta, order_by=[*BEST_ORDER], limit=limit))
 
     def prune_checkpoints(self, keep: int, *, session_id: str | None = None) -> list[str]:
         """Delete all but the ``keep`` best checkpoints by phi (of the session, or of the store).
 
-        Logs a "pruned" entry per deleted checkpoint and re-ranks; returns the deleted ids.
+        Logs a "pruned" entry per deleted checkpoint (with the rank it had); returns the deleted ids.
         """
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ls.ValidationError(f"prune_checkpoints: keep must be an int >= 1, got {keep!r}")
         where = None if session_id is None else {"session_id": session_id}
         with self.store.transaction():
-            rows = self._checkpoint_rows(where, order_by=["-phi", "created_at"], offset=keep)
+            rows = self.checkpoints.find(where, fields=["session_id", "phi"], order_by=[*BEST_ORDER], offset=keep)
+            ranks = self.ranks(r["session_id"] for r in rows)
             for row in rows:
-                self._log(row["checkpoint_id"], row["session_id"], "pruned", {"phi": row["phi"], "rank": row["rank"]})
-            self.checkpoints.delete_many([r["checkpoint_id"] for r in rows])
-            for sid in sorted({r["session_id"] for r in rows}):
-                self._rerank(sid)
-        return [r["checkpoint_id"] for r in rows]
+                self._log(row["checkpoint_id"], row["session_id"], "pruned",
+                          {"phi": row["phi"], "rank": ranks.get(row["checkpoint_id"])})
+            ids = [r["checkpoint_id"] for r in rows]
+            self.checkpoints.delete_many(ids)
+            self.states.delete_many(ids)
+            self._fix_best(r["session_id"] for r in rows)
+        return ids
 
     def checkpoint_history(self, checkpoint_id: str | None = None) -> list[dict[str, Any]]:
-        """History entries (created, loaded, pruned, ranked) in time order."""
+        """History entries (created, loaded, pruned; "ranked" in stores written by earlier versions) in time order."""
         where = None if checkpoint_id is None else {"checkpoint_id": checkpoint_id}
         return self.history.find(where=where, order_by="timestamp")
 
@@ -551,7 +697,7 @@ class Telemetry:
                                       order_by="session_id")
         for s in sessions:
             s["checkpoint_count"] = self.checkpoints.count({"session_id": s["session_id"]})
-            best = self._checkpoint_rows({"session_id": s["session_id"]}, order_by="-phi", limit=1)
+            best = self.checkpoints.find({"session_id": s["session_id"]}, fields=["phi"], order_by="-phi", limit=1)
             s["best_phi"] = best[0]["phi"] if best else None
         return sessions
 
