@@ -54,8 +54,22 @@ class Canaries:
         return value
 
     def hits(self, data: bytes, which: list[str]) -> list[str]:
-        """The canaries of ``which`` found in ``data``, as UTF-8 and as UTF-16 (a second common encoding)."""
-        return [c for c in which if c.encode() in data or c.encode("utf-16-le") in data]
+        """The canaries of ``which`` found in ``data``, as UTF-8 and as UTF-16 (a second common encoding).
+
+        One pass finds the tag every canary carries; only there are the candidates compared.
+        """
+        found = set()
+        for encoding in ("utf-8", "utf-16-le"):
+            tag = f"CANARY-{self.tag}-".encode(encoding)
+            candidates = [(c, c.encode(encoding)) for c in which]
+            pos = data.find(tag)
+            while pos != -1:
+                for c, raw in candidates:
+                    start = pos - (len(raw) - len(raw.split(tag, 1)[1]) - len(tag))
+                    if start >= 0 and data.startswith(raw, start):
+                        found.add(c)
+                pos = data.find(tag, pos + 1)
+        return [c for c in which if c in found]
 
 
 FIELDS = {
@@ -171,6 +185,13 @@ def test_canaries_never_appear_in_the_clear(tmp_path: Path, pg_server: PgServer,
         outputs[f"query --sql {store.name} (base64 decoded)"] = _decoded(json.loads(r.stdout))
         r = _cli(["query", store.path, "vault"], env)  # without the key, encrypted fields cannot be read
         outputs[f"query {store.name} without key"] = r.stdout + r.stderr
+        for args in (["info", store.path, "--json"], ["stats", store.path, "--json"]):
+            r = _cli(args, env)
+            assert r.returncode == 0, r.stderr
+            outputs[" ".join(args[:1]) + " " + store.name] = r.stdout + r.stderr
+    r = _cli(["sync", "status", str(tmp_path / "ws"), "--url", pg_url, "--schema", pg_schema, "--json"], env)
+    assert r.returncode == 0, r.stderr
+    outputs["sync status"] = r.stdout + r.stderr
     views_schema = "cv_" + uuid.uuid4().hex[:8]
     made = create_kit_views(pg_url, schema=pg_schema, views_schema=views_schema)
     assert "learning_profiles" in made
@@ -227,10 +248,14 @@ def test_canaries_never_appear_in_the_clear(tmp_path: Path, pg_server: PgServer,
         conn.execute("SELECT pg_switch_wal()")
         conn.execute("CHECKPOINT")
         data_dir = conn.execute("SHOW data_directory").fetchone()[0]  # type: ignore[index]
+        db_oid = conn.execute("SELECT oid FROM pg_database WHERE datname = current_database()").fetchone()[0]  # type: ignore[index]
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(views_schema)))
     scanned_wal = 0
     if os.access(data_dir, os.R_OK | os.X_OK) and os.path.isdir(os.path.join(data_dir, "pg_wal")):
-        for path in _files(Path(data_dir)):
+        # This database's files, the shared catalogs, the WAL and the server's log; not other databases.
+        root = Path(data_dir)
+        for path in _files(root / "base" / str(db_oid), root / "global", root / "pg_wal", root / "log",
+                           root / "pg_xact", root / "pg_logical"):
             try:
                 data = path.read_bytes()
             except OSError:
