@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from ._sqlite import boundary, quote, scalar
-from .errors import ValidationError
-from .fields import _MISSING, Field, Integer, Real, Text
-from .query import check_limit, compile_fields, compile_order, compile_where
 from .derived import DerivedIndexes
+from .errors import ValidationError
+from .fields import Field, Integer, Real, Text
+from .query import check_limit, compile_fields, compile_order, compile_where
 from .schema import CollectionSchema
 
 if TYPE_CHECKING:
@@ -163,7 +163,8 @@ class Collection:
         names = []
         codec = None
         if any(f.encrypt or f.compress for f in self._fields.values()):
-            from .codecs import RowCodec  # encrypt/compress fields: encoded after validation, see codecs.py
+            # encrypt/compress fields: encoded after validation, see codecs.py
+            from .codecs import RowCodec
 
             codec = RowCodec(self, [(n, f) for n, f, _, _ in self._plan])
         self._codec = codec
@@ -366,7 +367,7 @@ class Collection:
     def _projection(self, fields: Any) -> _Projection:
         """The read plan of ``fields=[...]`` (validated; cached per tuple of names)."""
         cache_key = tuple(fields) if isinstance(fields, (list, tuple)) else None
-        plan = self._projections.get(cache_key) if cache_key is not None else None  # type: ignore[arg-type]
+        plan = self._projections.get(cache_key) if cache_key is not None else None
         if plan is not None:
             return plan
         try:
@@ -395,7 +396,7 @@ class Collection:
         found = self.store._run(lambda db: db.execute(sql, (checked,)).fetchone(), f"reading {self.name!r}")
         if found is not None and codec is not None:
             codec.begin_read()
-        return None if found is None else decode(found)  # type: ignore[no-any-return]
+        return None if found is None else decode(found)
 
     def get_many(
         self, keys: Iterable[Any], *, fields: list[str] | tuple[str, ...] | None = None
