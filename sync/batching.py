@@ -73,14 +73,19 @@ def group_by_collection(changes: list[Any]) -> dict[str, list[Any]]:
     return out
 
 
-def latest_per_key(changes: list[Any]) -> list[Any]:
-    """Of several changes to the same key, keep the last (highest seq); order by seq."""
-    last: dict[Any, Any] = {}
-    for change in changes:
-        prev = last.get(change.key)
-        if prev is None or change.seq > prev.seq:
-            last[change.key] = change
-    return sorted(last.values(), key=lambda c: c.seq)
+def latest_flags(keys: list[Any]) -> list[bool]:
+    """For each position of a batch's keys (seq order): whether no later change in the batch has the same key.
+
+    The current state needs only those changes; the change log takes them all.
+    """
+    seen: set[Any] = set()
+    flags = [False] * len(keys)
+    for i in range(len(keys) - 1, -1, -1):
+        key = keys[i]
+        if key not in seen:
+            seen.add(key)
+            flags[i] = True
+    return flags
 
 
 @dataclass

@@ -12,19 +12,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import operator
 import socket
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 import psycopg
 from psycopg import sql
+from psycopg.adapt import PyFormat
 
 from . import mapping
-from .batching import latest_per_key
+from .batching import latest_flags
+from .errors import CentralSchemaError, PostgresError, SyncError, wrap
 from .mapping import text_value
-from .errors import CentralSchemaError, wrap
 from .url import redact
 
 log = logging.getLogger("localstore.sync")
@@ -51,6 +52,16 @@ class _NoVector(Exception):
     """Internal: pgvector was turned off by the caller."""
 
 
+class _Duplicate(SyncError):
+    """Internal: a change past the registry's ``last_seq`` was already in the change log; ship it conflict-safe."""
+
+
+#: Columns of a batch's staging table before the collection's fields: one COPY feeds both the change
+#: log and the current state. ``_ls_latest`` marks the last change of each key in the batch.
+STAGE_COLUMNS = (("_ls_seq", "bigint", "int8"), ("_ls_hlc", "bigint", "int8"), ("_ls_key", "text", "text"),
+                 ("_ls_op", "text", "text"), ("_ls_latest", "boolean", "bool"), ("_ls_payload", "bytea", "bytea"))
+
+
 def state_table_name(collection: str) -> str:
     """The current-state table of a collection: ``c_<name lowercased>``, hashed when too long for Postgres."""
     base = "c_" + collection.lower()
@@ -70,6 +81,10 @@ class CollectionPlan:
     fields: list[str]
     converters: list[mapping.Converter]
     column_types: list[str] = field(default_factory=list)
+    #: Where each of ``fields`` sits in a row's stored values (key first, then fields in declared order).
+    positions: list[int] = field(default_factory=list)
+    #: How many stored values a row of this collection has; a row read with another count is decoded by name.
+    width: int = 0
 
 
 @dataclass
@@ -140,6 +155,9 @@ class Central:
             )
         except Exception as exc:
             raise wrap(exc, self.url, "connecting") from None
+        # COPY with set_types("bytea") would pick psycopg's pure-Python dumper (which also takes
+        # dbapi ``Binary`` wrappers); payloads are plain bytes, so use the C dumper of ``bytes``.
+        conn.adapters.register_dumper(bytes, conn.adapters.get_dumper(bytes, PyFormat.BINARY))
         self._conn = conn
         self._columns.clear()
         self._staging.clear()
@@ -347,6 +365,7 @@ class Central:
             self._columns.pop(table, None)
             columns = self._state_columns(table)
             assert columns is not None
+        order = [spec["key"]] + [f for f in spec["fields"] if f != spec["key"]]
         fields, converters, types = [], [], []
         for fname, fspec in spec["fields"].items():
             have = columns.get(fname)
@@ -358,7 +377,8 @@ class Central:
             fields.append(fname)
             converters.append(mapping.converter(fspec, have))
             types.append(have)
-        return CollectionPlan(spec["name"], table, spec["key"], fields, converters, types)
+        return CollectionPlan(spec["name"], table, spec["key"], fields, converters, types,
+                              [order.index(f) for f in fields], len(order))
 
     def _state_columns(self, table: str) -> dict[str, str] | None:
         cached = self._columns.get(table)
@@ -383,7 +403,7 @@ class Central:
         c.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"localstore-table:{self.schema}.{table}",))
         t = self._q(table)
         c.execute(sql.SQL(
-            "CREATE TABLE IF NOT EXISTS {} (_ls_store uuid NOT NULL, _ls_key text NOT NULL, _ls_seq bigint NOT NULL, "
+            "CREATE TABLE IF NOT EXISTS {} (_ls_store uuid NOT NULL, _ls_key text COLLATE \"C\" NOT NULL, _ls_seq bigint NOT NULL, "
             "_ls_hlc bigint NOT NULL, _ls_deleted boolean NOT NULL DEFAULT false, "
             "_ls_xid bigint NOT NULL DEFAULT pg_current_xact_id()::text::bigint, _ls_synced_at timestamptz NOT NULL DEFAULT now(), "
             "PRIMARY KEY (_ls_store, _ls_key))").format(t))
@@ -404,14 +424,16 @@ class Central:
     # -- shipping ----------------------------------------------------------------------------
 
     def ship(self, info: StoreInfo, changes: list[Any]) -> None:
-        """Ship one batch of a store's changes in one Postgres transaction: COPY to staging, then merge.
+        """Ship one batch of a store's changes (``StoredChange``s, seq order) in one Postgres transaction.
 
-        Idempotent: the change log ignores (store_id, seq) it already has, and a
-        state row only moves to a later (hlc, store_id).
+        One COPY per collection into a staging table feeds both merges: the change
+        log gets every change past the registry's ``last_seq`` (read under a row lock,
+        so two shippers of one store take turns), and the current-state table the
+        latest change of each key, last-writer-wins on (hlc, store_id). Sending a
+        batch twice changes nothing; the (store_id, seq) primary key backs it up.
         """
         if not changes:
             return
-        store_id = info.store_id
         by_coll: dict[str, list[Any]] = {}
         for ch in changes:
             by_coll.setdefault(ch.collection, []).append(ch)
@@ -422,81 +444,134 @@ class Central:
                 "the schema changed during the batch and it will be retried"
             )
         last = changes[-1]
-
-        def merge(c: psycopg.Connection[Any]) -> None:
-            if "_ls_stage_changes" not in self._staging:
-                c.execute("CREATE TEMP TABLE IF NOT EXISTS _ls_stage_changes (store_id uuid, seq bigint, hlc bigint, "
-                          "collection text, key text, op text, payload bytea) ON COMMIT DELETE ROWS")
-                self._staging.add("_ls_stage_changes")
-            with c.cursor() as cur:
-                with cur.copy("COPY _ls_stage_changes (store_id, seq, hlc, collection, key, op, payload) "
-                              "FROM STDIN (FORMAT BINARY)") as cp:
-                    cp.set_types(["uuid", "int8", "int8", "text", "text", "text", "bytea"])
-                    pack = msgpack.packb
-                    store_uuid = uuid.UUID(store_id)
-                    for ch in changes:
-                        payload = None if ch.payload is None else pack(ch.payload, use_bin_type=True)
-                        cp.write_row((store_uuid, ch.seq, ch.hlc, ch.collection, text_value(str(ch.key)), ch.op, payload))
-                cur.execute(sql.SQL(
-                    "INSERT INTO {} (store_id, seq, hlc, collection, key, op, payload) "
-                    "SELECT store_id, seq, hlc, collection, key, op, payload FROM _ls_stage_changes "
-                    "ON CONFLICT (store_id, seq) DO NOTHING").format(self._q("changes")))
-                for name, chs in by_coll.items():
-                    self._merge_state(cur, info.plans[name], store_id, latest_per_key(chs))
-                cur.execute(sql.SQL(
-                    "INSERT INTO {} (store_id, name, last_seq, last_hlc, last_sync) VALUES (%s, %s, %s, %s, now()) "
-                    "ON CONFLICT (store_id) DO UPDATE SET last_seq = greatest({}.last_seq, excluded.last_seq), "
-                    "last_hlc = greatest({}.last_hlc, excluded.last_hlc), last_sync = now()").format(
-                        self._q("stores"), self._q("stores"), self._q("stores")),
-                    (store_id, info.name, last.seq, last.hlc))
-                # Delivered at commit: engines with subscribers to these collections pull them.
-                cur.execute("SELECT pg_notify(%s, %s)", (self.channel, ",".join(sorted(by_coll))))
-
+        action = f"shipping changes of store {info.name}"
         try:
-            self.run(f"shipping changes of store {info.name}", merge)
+            try:
+                self.run(action, lambda c: self._merge(c, info, by_coll, last, careful=False))
+            except (_Duplicate, PostgresError) as exc:
+                if not isinstance(exc, _Duplicate) and not isinstance(exc.__context__, psycopg.DataError):
+                    raise
+                # Text with NUL, which Postgres refuses, or a registry behind the change log (edited
+                # by hand?): ship the batch again with every converter, conflict-safe.
+                self.run(action, lambda c: self._merge(c, info, by_coll, last, careful=True))
         except BaseException:
             info.position = None  # unknown: the commit may or may not have happened
             raise
         info.position = max(info.position or 0, last.seq)
 
-    def _merge_state(self, cur: psycopg.Cursor[Any], plan: CollectionPlan, store_id: str, changes: list[Any]) -> None:
-        cols = [*STATE_COLUMNS, *plan.fields]
-        staged = [mapping.STATE_STAGING[c] for c in STATE_COLUMNS] + [
-            mapping.staging(t) for t in plan.column_types]
-        # One staging table per (state table, columns) per connection, emptied at each commit.
-        # Types without a plain binary form (jsonb, vector, arrays) are staged as text and cast in the merge.
-        name = "_ls_stage_" + hashlib.sha1(f"{plan.table}|{'|'.join(cols)}".encode()).hexdigest()[:16]
-        stage = sql.Identifier(name)
-        col_ids = sql.SQL(", ").join(sql.Identifier(c) for c in cols)
+    def _merge(self, c: psycopg.Connection[Any], info: StoreInfo, by_coll: dict[str, list[Any]], last: Any,
+               *, careful: bool) -> None:
+        stores = self._q("stores")
+        with c.cursor() as cur:
+            row = cur.execute(sql.SQL("SELECT last_seq FROM {} WHERE store_id = %s FOR UPDATE").format(stores),
+                              (info.store_id,)).fetchone()
+            shipped = int(row[0]) if row else 0
+            for name, chs in by_coll.items():
+                fresh = [ch for ch in chs if ch.seq > shipped] if chs[0].seq <= shipped else chs
+                if fresh:
+                    self._ship_collection(cur, info, info.plans[name], fresh, careful)
+            cur.execute(sql.SQL(
+                "INSERT INTO {} (store_id, name, last_seq, last_hlc, last_sync) VALUES (%s, %s, %s, %s, now()) "
+                "ON CONFLICT (store_id) DO UPDATE SET last_seq = greatest({}.last_seq, excluded.last_seq), "
+                "last_hlc = greatest({}.last_hlc, excluded.last_hlc), last_sync = now()").format(
+                    stores, stores, stores), (info.store_id, info.name, last.seq, last.hlc))
+            # Delivered at commit: engines with subscribers to these collections pull them.
+            cur.execute("SELECT pg_notify(%s, %s)", (self.channel, ",".join(sorted(by_coll))))
+
+    def _stage(self, cur: psycopg.Cursor[Any], plan: CollectionPlan) -> tuple[sql.Identifier, list[mapping.Staging]]:
+        """The staging table of a collection plan on this connection (temporary, emptied at each commit)."""
+        staged = [mapping.staging(t) for t in plan.column_types]
+        cols = [c for c, _, _ in STAGE_COLUMNS] + plan.fields
+        name = "_ls_stage_" + hashlib.sha1(f"{plan.table}|{'|'.join(cols)}|{'|'.join(plan.column_types)}".encode()
+                                           ).hexdigest()[:16]
         if name not in self._staging:
+            defs = [sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(t)) for c, t, _ in STAGE_COLUMNS]
+            defs += [sql.SQL("{} {}").format(sql.Identifier(f), sql.SQL(st.pg_type)) for f, st in zip(plan.fields, staged)]
             cur.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS").format(
-                stage, sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(st.pg_type))
-                                          for c, st in zip(cols, staged))))
+                sql.Identifier(name), sql.SQL(", ").join(defs)))
             self._staging.add(name)
-        fields, convs = plan.fields, plan.converters
-        store_uuid = uuid.UUID(store_id)
-        nulls = [None] * len(fields)
-        with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(stage, col_ids)) as cp:
-            cp.set_types([st.copy_type for st in staged])
-            for ch in changes:
-                payload = ch.payload
-                if payload is None:
-                    cp.write_row((store_uuid, text_value(str(ch.key)), ch.seq, ch.hlc, True, *nulls))
+        return sql.Identifier(name), staged
+
+    def _ship_collection(self, cur: psycopg.Cursor[Any], info: StoreInfo, plan: CollectionPlan, changes: list[Any],
+                         careful: bool) -> None:
+        """COPY one collection's part of a batch into its staging table, then merge the change log and the state."""
+        stage, staged = self._stage(cur, plan)
+        fields, width = plan.fields, plan.width
+        nulls = (None,) * len(fields)
+        # Stored values are taken by position in C; only the converters that change a value run
+        # per row. Text needs none unless it holds NUL, which Postgres refuses (DataError): the
+        # batch is then shipped again ``careful``, with every converter.
+        pick = _picker(plan.positions)
+        fixes = [(i, conv) for i, (conv, kind) in enumerate(zip(plan.converters, plan.column_types))
+                 if careful or not mapping.passthrough(kind)]
+        unpack = msgpack.unpackb
+        with cur.copy(sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(stage)) as cp:
+            cp.set_types([t for _, _, t in STAGE_COLUMNS] + [st.copy_type for st in staged])
+            write = cp.write_row
+            for ch, latest in zip(changes, latest_flags([ch.key for ch in changes])):
+                packed = ch.packed
+                if not latest or packed is None:
+                    # Superseded within the batch (or a delete): the state needs no columns, so
+                    # its payload goes to the change log as stored, never decoded.
+                    values: Any = nulls
                 else:
-                    get = payload.get
-                    cp.write_row((store_uuid, text_value(str(ch.key)), ch.seq, ch.hlc, False,
-                                  *[conv(get(f)) for f, conv in zip(fields, convs)]))
+                    row = ch.values
+                    if row is not None and len(row) == width:
+                        values = pick(row)
+                    else:  # the row as it was when written: decode its stored payload
+                        got = unpack(packed, raw=False)
+                        values = tuple(got.get(f) for f in fields)
+                    if fixes:
+                        values = list(values)
+                        for i, conv in fixes:
+                            values[i] = conv(values[i])
+                key = ch.key
+                key = key if type(key) is str and not careful else text_value(str(key))
+                write((ch.seq, ch.hlc, key, ch.op, latest, packed, *values))
+        self._insert_changes(cur, info, plan, stage, careful)
         select = sql.SQL(", ").join(
-            sql.Identifier(c) if st.cast is None else sql.SQL("{}::{}").format(sql.Identifier(c), sql.SQL(st.cast))
-            for c, st in zip(cols, staged))
+            [sql.Identifier(f) if st.cast is None else sql.SQL("{}::{}").format(sql.Identifier(f), sql.SQL(st.cast))
+             for f, st in zip(fields, staged)])
+        state_cols = sql.SQL(", ").join(sql.Identifier(c) for c in [*STATE_COLUMNS, "_ls_xid", *fields])
         updates = sql.SQL(", ").join(
-            sql.SQL("{} = excluded.{}").format(sql.Identifier(c), sql.Identifier(c)) for c in cols[2:])
-        target = self._q(plan.table)
+            sql.SQL("{} = excluded.{}").format(sql.Identifier(c), sql.Identifier(c))
+            for c in ["_ls_seq", "_ls_hlc", "_ls_deleted", "_ls_xid", *fields])
         cur.execute(sql.SQL(
-            "INSERT INTO {} AS t ({}) SELECT {} FROM {} ON CONFLICT (_ls_store, _ls_key) DO UPDATE SET {}, "
-            "_ls_xid = pg_current_xact_id()::text::bigint, _ls_synced_at = now() "
+            "INSERT INTO {} AS t ({}) SELECT %s, _ls_key, _ls_seq, _ls_hlc, _ls_op = 'delete', "
+            "(SELECT pg_current_xact_id()::text::bigint){}{} FROM {} WHERE _ls_latest "
+            "ON CONFLICT (_ls_store, _ls_key) DO UPDATE SET {}, _ls_synced_at = now() "
             "WHERE (excluded._ls_hlc, excluded._ls_store) > (t._ls_hlc, t._ls_store)").format(
-                target, col_ids, select, stage, updates))
+                self._q(plan.table), state_cols, sql.SQL(", ") if fields else sql.SQL(""), select, stage, updates),
+            (info.store_id,))
+
+    def _insert_changes(self, cur: psycopg.Cursor[Any], info: StoreInfo, plan: CollectionPlan,
+                        stage: sql.Identifier, careful: bool) -> None:
+        """Append the staged changes to the change log; raise ``_Duplicate`` if one is already there.
+
+        A plain INSERT: every staged seq is past the registry's ``last_seq`` (read under
+        its row lock), so none can be there unless the registry was changed by hand. It
+        saves the speculative insertion that ON CONFLICT costs per row; ``careful`` adds
+        ON CONFLICT DO NOTHING for the retry after a ``_Duplicate``.
+        """
+        query = sql.SQL("INSERT INTO {} (store_id, seq, hlc, collection, key, op, payload) "
+                        "SELECT %s, _ls_seq, _ls_hlc, %s, _ls_key, _ls_op, _ls_payload FROM {}").format(
+                            self._q("changes"), stage)
+        if careful:
+            query = query + sql.SQL(" ON CONFLICT (store_id, seq) DO NOTHING")
+        try:
+            cur.execute(query, (info.store_id, plan.name))
+        except psycopg.errors.UniqueViolation:
+            raise _Duplicate(f"store {info.name}: a change past the registry's last_seq is already in Postgres") from None
+
+
+def _picker(positions: list[int]) -> Any:
+    """A function from a row's stored values to the plan's field values, as a tuple (itemgetter, in C)."""
+    if not positions:
+        return lambda row: ()
+    if len(positions) == 1:
+        i = positions[0]
+        return lambda row: (row[i],)
+    return operator.itemgetter(*positions)
 
 
 MIGRATIONS = {1: Central._migrate_1}

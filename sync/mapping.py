@@ -113,6 +113,16 @@ def converter(spec: dict[str, Any], column_type: str) -> Converter:
     return _identity
 
 
+#: Column types whose converter leaves all but rare values as they are: plain numbers, and text or
+#: JSON unless it holds NUL (which Postgres refuses, so the shipper can skip the converter and retry).
+PASSTHROUGH = frozenset({"text", "jsonb", "bigint", "double precision"})
+
+
+def passthrough(column_type: str) -> bool:
+    """Whether stored values can go to a ``column_type`` column unconverted (see ``PASSTHROUGH``)."""
+    return column_type in PASSTHROUGH
+
+
 @dataclass(frozen=True)
 class Staging:
     """How a column is staged for binary COPY: the staging column type, psycopg's COPY type, the cast in the merge."""

@@ -75,7 +75,8 @@ def sync_store(
         result.acked_lost = True
 
     def read(position: int) -> list[Any]:
-        return changelog.changes(position, limit=batch_rows, max_bytes=batch_bytes)
+        # As stored: payload bytes are shipped as they are, never decoded and packed again.
+        return changelog.stored_changes(position, limit=batch_rows, max_bytes=batch_bytes)
 
     # With a backlog, the next batch is read from SQLite while Postgres merges the current one.
     pool: ThreadPoolExecutor | None = None

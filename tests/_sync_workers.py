@@ -105,7 +105,9 @@ def assert_converged(url: str, schema: str, store: ls.Store) -> None:
         if not spec["sync"]:
             continue
         name = spec["name"]
-        local = local_rows(store, name)
+        # Keys are text in Postgres, where NUL becomes U+FFFD (as in every text column).
+        local = {k.replace("\x00", "\ufffd") if isinstance(k, str) else k: r
+                 for k, r in local_rows(store, name).items()}
         central = central_rows(url, schema, store.id, name)
         live = {k: r for k, r in central.items() if not r["_ls_deleted"]}
         assert set(live) == set(local), (store.name, name, set(live) ^ set(local))

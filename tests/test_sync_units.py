@@ -13,7 +13,7 @@ from localstore.sync.batching import (
     Positions,
     ack_point,
     group_by_collection,
-    latest_per_key,
+    latest_flags,
     plan,
 )
 from localstore.sync.mapping import compatible, pg_type
@@ -55,9 +55,10 @@ class C:
     collection: str = "c"
 
 
-def test_latest_per_key_keeps_the_last_change_of_each_key() -> None:
-    out = latest_per_key([C(1, "a"), C(2, "b"), C(3, "a"), C(4, "c"), C(5, "b")])
-    assert [(c.seq, c.key) for c in out] == [(3, "a"), (4, "c"), (5, "b")]
+def test_latest_flags_mark_the_last_change_of_each_key() -> None:
+    assert latest_flags(["a", "b", "a", "c", "b"]) == [False, False, True, True, True]
+    assert latest_flags([1, "1", 1]) == [False, True, True]  # keys compare by value and type
+    assert latest_flags([]) == []
 
 
 def test_group_by_collection_keeps_seq_order() -> None:
