@@ -7,11 +7,18 @@ gets its own central schema (``pg_schema``), dropped afterwards.
 The embedded server listens on a Unix socket only. A role with a password (and
 scram-sha-256 authentication) is created, so tests exercise real password
 checks and redaction; the superuser keeps trust authentication for set-up.
+
+The password is a sentinel, ``Pw-LSSENTINEL-<random hex>``, new for each run
+(``tests/secrets_sweep.py`` sets it through ``LOCALSTORE_TEST_PG_PASSWORD`` and then
+greps the run's output and logs for it). With an external server, its URL's
+password is the sentinel. Under the sweep (``LOCALSTORE_SWEEP_DIR``), the embedded
+server's log is copied there before the server's folder is deleted.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 import uuid
@@ -22,8 +29,15 @@ from typing import Any
 
 import pytest
 
-#: The password of the test role: distinctive, so a grep for it finds any leak.
-PASSWORD = "Pw-7fq2Zs9Lk"
+#: Environment variables set by tests/secrets_sweep.py.
+ENV_PASSWORD = "LOCALSTORE_TEST_PG_PASSWORD"
+ENV_SWEEP_DIR = "LOCALSTORE_SWEEP_DIR"
+
+#: The password of the test role: a sentinel, so a grep for it finds any leak. Letters,
+#: digits and '-' only, so it needs no quoting in a URL or in SQL.
+PASSWORD = os.environ.get(ENV_PASSWORD) or f"Pw-LSSENTINEL-{secrets.token_hex(8)}"
+if not PASSWORD.replace("-", "").isalnum():
+    raise ValueError(f"${ENV_PASSWORD} may hold only letters, digits and '-'")
 ROLE = "ls_sync"
 DATABASE = "localstore_test"
 
@@ -110,9 +124,19 @@ def pg_server(request: Any) -> Iterator[PgServer]:
         yield server
     finally:
         try:
+            _keep_log(server)
             server.embedded.cleanup()
         finally:
             shutil.rmtree(base, ignore_errors=True)
+
+
+def _keep_log(server: PgServer) -> None:
+    """Under the secrets sweep, copy the embedded server's log where the sweep will grep it."""
+    keep = os.environ.get(ENV_SWEEP_DIR)
+    log = getattr(server.embedded, "log", None)
+    if keep and log is not None and Path(log).exists():
+        os.makedirs(keep, mode=0o700, exist_ok=True)
+        shutil.copyfile(log, Path(keep) / "postgres-server.log")
 
 
 @pytest.fixture
