@@ -322,9 +322,13 @@ class Central:
 
         def reg(c: psycopg.Connection[Any]) -> None:
             c.execute(sql.SQL(
-                "INSERT INTO {} (store_id, name, host, workspace) VALUES (%s, %s, %s, %s) "
+                "INSERT INTO {} AS s (store_id, name, host, workspace) VALUES (%s, %s, %s, %s) "
                 "ON CONFLICT (store_id) DO UPDATE SET name = excluded.name, host = excluded.host, "
-                "workspace = excluded.workspace").format(self._q("stores")), (store_id, name, host, workspace))
+                "workspace = excluded.workspace WHERE (s.name, s.host, s.workspace) IS DISTINCT FROM "
+                "(excluded.name, excluded.host, excluded.workspace)").format(self._q("stores")),
+                (store_id, name, host, workspace))
+            # Unchanged rows are not rewritten (here and below): an engine starting over many known
+            # stores only locks them, with no new row versions to write and vacuum.
             for spec in specs:
                 c.execute(sql.SQL(
                     "INSERT INTO {} (store_id, name, key_field, fields, sync, ttl, state_table) "
