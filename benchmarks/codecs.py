@@ -2,7 +2,9 @@
 
 Records are memory-like JSON (about 450 bytes; the text is English sentences from
 standard-library docstrings). Compression ratios are measured on held-out records
-(the last 10%), never on the samples a dictionary was trained on.
+(the last 10%), never on the samples a dictionary was trained on. A last section
+times incompressible 64 KiB float32 arrays: the probe that stores them raw at once,
+against compressing each in full first (what every value paid before the probe).
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import zlib
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 from _harness import Case, Figure, Report, english_text, is_tiny, log, measure
 
 import localstore as ls
@@ -42,12 +46,16 @@ class Sizes:
     repeat: int  # timed runs per put_many case
     decode: int  # values decoded per decrypt run
     decode_repeat: int
+    arrays: int  # 64 KiB float32 arrays per incompressible-array run
 
 
-FULL = Sizes(records=100_000, batch=10_000, repeat=3, decode=20_000, decode_repeat=5)
-QUICK = Sizes(records=10_000, batch=2_500, repeat=2, decode=5_000, decode_repeat=3)
+FULL = Sizes(records=100_000, batch=10_000, repeat=3, decode=20_000, decode_repeat=5, arrays=400)
+QUICK = Sizes(records=10_000, batch=2_500, repeat=2, decode=5_000, decode_repeat=3, arrays=100)
 #: ``LOCALSTORE_BENCH_TINY=1`` (smoke tests): every section runs, on sizes too small to mean anything.
-TINY = Sizes(records=2_000, batch=500, repeat=1, decode=500, decode_repeat=1)
+TINY = Sizes(records=2_000, batch=500, repeat=1, decode=500, decode_repeat=1, arrays=8)
+
+#: Items of float32 in each array of the incompressible section (64 KiB).
+ARRAY_ITEMS = 16_384
 
 
 def make_records(count: int, seed: int = 11) -> list[dict[str, Any]]:
@@ -230,6 +238,82 @@ def bench_decrypt(report: Report, root: str, records: list[dict[str, Any]], size
     report.cost_ratio("get.cost", "get: encrypted + compressed / plain (time)", "get.both", "get.plain")
 
 
+def bench_incompressible(report: Report, root: str, sizes: Sizes) -> None:
+    """64 KiB float32 arrays that zstd cannot shrink: probed and stored raw vs compressed in full first."""
+    rng = np.random.default_rng(7)
+    # Random bit patterns (quantised noise, hashed features): no byte plane repeats, so nothing shrinks.
+    noise = [rng.integers(0, 2**32, ARRAY_ITEMS, dtype=np.uint32).view("<f4") for _ in range(sizes.arrays)]
+    normal = [rng.standard_normal(ARRAY_ITEMS).astype("<f4") for _ in range(max(4, sizes.arrays // 10))]
+    field = ls.Array(compress=True)
+    encoded = [field.encode(a) for a in noise]
+    store = ls.open(os.path.join(root, "arrays-codec.db"))
+    try:
+        book = Dictionaries(store)
+        probed = FieldCompressor(book, "arrays", "a", trainable=False, itemsize=0)
+        full = FieldCompressor(book, "arrays", "a", trainable=False, itemsize=0)
+        full.probe_bytes = None  # every value compressed in full, then kept raw: the cost before the probe
+        stored = [probed.compress(v) for v in encoded]
+        assert all(v[:1] == b"\x04" for v in stored), "the probe did not recognise random float32 as incompressible"
+        assert all(book.decompress(c) == v for c, v in zip(stored[:20], encoded))
+        cases = [
+            Case("encode.incompressible.probed", lambda _: [probed.compress(v) for v in encoded], items=len(encoded),
+                 unit="array", label="compress  64 KiB noise array, probed (stored raw + CRC-32)"),
+            Case("encode.incompressible.full", lambda _: [full.compress(v) for v in encoded], items=len(encoded),
+                 unit="array", label="compress  64 KiB noise array, compressed in full first"),
+            Case("decode.incompressible", lambda _: [book.decompress(c) for c in stored], items=len(stored),
+                 unit="array", label="decompress  64 KiB raw array (CRC-32 checked)"),
+            Case("crc32.64k", lambda _: [zlib.crc32(v) for v in encoded], items=len(encoded), unit="array",
+                 label="zlib.crc32 of 64 KiB (the checksum alone)"),
+        ]
+        report.add(*measure(cases, max(3, sizes.repeat), warmup=1, progress=f"incompressible arrays x{len(encoded):,}"))
+        kept = [probed.compress(field.encode(a)) for a in normal]
+        normal_ratio = sum(a.nbytes for a in normal) / sum(map(len, kept))
+    finally:
+        store.close()
+        _remove(os.path.join(root, "arrays-codec.db"))
+    rows = [{"id": i, "a": a} for i, a in enumerate(noise)]
+    counter = [0]
+
+    def case(compress: bool) -> Case:
+        name = "compressed" if compress else "plain"
+
+        def setup() -> tuple[str, ls.Store, ls.Collection]:
+            counter[0] += 1
+            path = os.path.join(root, f"arrays-{name}-{counter[0]}.db")
+            store = ls.open(path)
+            return path, store, store.collection("arrays", key="id", fields={"id": ls.Integer(), "a": ls.Array(compress=compress)})
+
+        def run(state: tuple[str, ls.Store, ls.Collection]) -> None:
+            for start in range(0, len(rows), 50):
+                state[2].put_many(rows[start : start + 50])
+
+        def teardown(state: tuple[str, ls.Store, ls.Collection]) -> None:
+            state[1].close()
+            _remove(state[0])
+
+        return Case(f"put_many.noise.{name}", run, setup, teardown, items=len(rows), unit="row",
+                    label=f"put_many  64 KiB noise arrays, Array({'compress=True' if compress else ''})")
+
+    report.add(*measure([case(False), case(True)], sizes.repeat, progress=f"put_many noise arrays x{len(rows):,}"))
+    report.params["incompressible.array_bytes"] = ARRAY_ITEMS * 4
+    report.figure(Figure(
+        "incompressible.encode_us", "compress one 64 KiB noise array (probed, stored raw)",
+        report.timings["encode.incompressible.probed"].per_item * 1e6, "us",
+    ))
+    report.speed_ratio(
+        "incompressible.probe_speedup", "compress 64 KiB noise arrays: probed / compressed in full first (arrays/s)",
+        "encode.incompressible.probed", "encode.incompressible.full", target_op=">=", target=2.0,
+    )
+    report.cost_ratio(
+        "incompressible.put_vs_plain", "put_many 64 KiB noise arrays: Array(compress=True) / Array() (time)",
+        "put_many.noise.compressed", "put_many.noise.plain",
+    )
+    report.figure(Figure("incompressible.stored_ratio", "noise arrays: raw / stored bytes (flag and CRC-32 included)",
+                         sum(map(len, encoded)) / sum(map(len, stored)), "x"))
+    report.figure(Figure("normal_f32.ratio", "normal float32 arrays still compressed: raw / stored bytes",
+                         normal_ratio, "x", ">", 1.05))
+
+
 def run(quick: bool = False) -> Report:
     """Run the codecs benchmark; ``quick`` shrinks every size so it finishes in a few seconds."""
     sizes = TINY if is_tiny() else QUICK if quick else FULL
@@ -242,9 +326,12 @@ def run(quick: bool = False) -> Report:
         bench_ratios(report, root, records)
         bench_put_many(report, root, records, sizes)
         bench_decrypt(report, root, records, sizes)
+        bench_incompressible(report, root, sizes)
     report.notes += [
         "ratios are raw bytes / stored bytes (flag and dictionary-id bytes included) on the last 10% of records",
         "put_many runs write the rows in batches, so automatic dictionary training happens inside the compressed runs",
+        "noise arrays: 64 KiB of random float32 bit patterns; 'compressed in full first' is the path every such "
+        "value took before the probe (zstd level 3 on the whole byte-shuffled array, then stored raw)",
         "targets are informational; a MISS does not fail the run",
     ]
     report.elapsed_s = time.perf_counter() - started

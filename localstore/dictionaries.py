@@ -125,7 +125,7 @@ _CRC = struct.Struct(">I")
 
 def checked_raw(data: bytes) -> bytes:
     """The 0x04 form of a value: flag, the bytes as they are, their CRC-32."""
-    return b"\x04" + data + _CRC.pack(zlib.crc32(data))
+    return b"".join((b"\x04", data, _CRC.pack(zlib.crc32(data))))  # one copy of a value that may be large
 
 
 def _shuffle(body: bytes, itemsize: int) -> bytes:
@@ -340,6 +340,8 @@ class FieldCompressor:
         self._since_check = DEFAULT_CHECK_BYTES  # the first write of a process checks
         self._raw = self._packed = self._since_dict = 0
         self._next_try = 0
+        #: Values of at least this many bytes are probed first (None: never, every value is compressed).
+        self.probe_bytes: int | None = DEFAULT_PROBE_BYTES
         #: Values stored raw because their probe said compressing would not pay (for benchmarks and tests).
         self.probed_raw = 0
 
@@ -354,7 +356,7 @@ class FieldCompressor:
             return self._shuffled(data)
         if n < DEFAULT_MIN_VALUE_BYTES:
             return self.raw(data)
-        if n >= DEFAULT_PROBE_BYTES and not self.worth_compressing(data, 1):
+        if self.probe_bytes is not None and n >= self.probe_bytes and not self.worth_compressing(data, 1):
             return self.raw(data)
         if self.trainable:
             if not self._loaded:
@@ -405,16 +407,16 @@ class FieldCompressor:
 
             _, length = _ARRAY_HEAD.unpack_from(data)
             cut = _ARRAY_HEAD.size + length
-            prefix, body = data[:cut], data[cut:]
+            prefix, body = data[:cut], memoryview(data)[cut:]  # a view: a raw value is never copied twice
             itemsize = array_dtype(data[_ARRAY_HEAD.size : cut]).itemsize
         if not (itemsize > 1 and len(body) % itemsize == 0 and body):
             itemsize = 1
-        if len(data) >= DEFAULT_PROBE_BYTES and not self.worth_compressing(body, itemsize):
+        if self.probe_bytes is not None and len(data) >= self.probe_bytes and not self.worth_compressing(body, itemsize):
             return self.raw(data)
         if itemsize > 1:
             body = _shuffle(body, itemsize)
         # One frame holds the header too, so zstd's content checksum covers every byte.
-        frame = self.book.plain.compress(_SHUF.pack(itemsize, len(prefix)) + prefix + body)
+        frame = self.book.plain.compress(b"".join((_SHUF.pack(itemsize, len(prefix)), prefix, body)))
         return b"\x05" + frame if len(frame) < len(data) else self.raw(data)
 
     def _check(self) -> None:

@@ -1,0 +1,167 @@
+"""Opt-in page checksums for store files, through SQLite's checksum VFS shim (cksumvfs).
+
+SQLite keeps no checksum on the pages of a database file (only on WAL frames), so
+a byte flipped on disk inside a plain Text or Real value reads back changed. Encrypted
+values (AES-GCM tag) and compressed ones (zstd checksums, a CRC-32 on raw values) are
+protected by their own formats; this module covers everything else, page by page.
+
+How it works: cksumvfs (from SQLite's ``ext/misc``, shipped compiled by apsw as
+``apsw.sqlite_extra`` "cksumvfs") keeps an 8-byte checksum in the reserved bytes at
+the end of every page of a file whose header reserves exactly 8 bytes per page
+(header byte 20). It writes the checksum as each page is written, to the main file
+and to the WAL alike, and verifies it as each page is read; a mismatch is the error
+``SQLITE_IOERR_DATA`` (apsw.IOError, extended code 8202). Files that reserve no bytes
+pass through it unchanged, unchecked.
+
+Use::
+
+    from localstore import checksums
+    checksums.create("data/kernel-7.db")                        # a new, empty store file with checksums
+    store = ls.open("data/kernel-7.db", vfs=checksums.register())
+
+    checksums.convert("data/old.db")                            # an existing store, closed: VACUUM with checksums
+
+Rules that follow from the design (they are SQLite's):
+
+- ``register()`` makes the shim SQLite's default VFS for the whole process (that is
+  what the extension does on load), so every connection that writes a checksummed
+  file, localstore's or anyone's in this process, keeps its checksums current. A
+  writer in another program that does not load cksumvfs (the ``sqlite3`` shell)
+  leaves stale checksums, which then read as damage: write checksummed stores only
+  through localstore. Readers without the shim read the file normally, unchecked.
+- The reserve is fixed when a file is created or vacuumed; ``convert`` rewrites the file.
+- Backups made with ``store.backup`` copy pages with their checksums and stay checked.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+
+import apsw
+
+from ._sqlite import create_private_file
+from .errors import LocalStoreError, StoreOpenError
+
+#: The name cksumvfs registers itself under.
+VFS_NAME = "cksmvfs"
+
+#: Bytes reserved at the end of every page for the checksum; cksumvfs checks files with exactly 8.
+RESERVE_BYTES = 8
+
+#: The extended result code of a page whose checksum fails (SQLITE_IOERR_DATA).
+IOERR_DATA = 10 | (32 << 8)
+
+#: Offset of the "reserved bytes per page" byte in a SQLite file header.
+_RESERVE_OFFSET = 20
+
+_lock = threading.Lock()
+
+
+class ChecksumsUnavailableError(LocalStoreError):
+    """This installation has no cksumvfs (an apsw without ``sqlite_extra``); checksums cannot be turned on."""
+
+
+def available() -> bool:
+    """Whether cksumvfs can be loaded here (apsw ships it as a ``sqlite_extra`` extension)."""
+    if VFS_NAME in apsw.vfs_names():
+        return True
+    try:
+        from apsw import sqlite_extra
+    except ImportError:
+        return False
+    return sqlite_extra.has("cksumvfs") == "extension"
+
+
+def register() -> str:
+    """Load cksumvfs into this process (once) and return its VFS name, for ``ls.open(..., vfs=...)``."""
+    with _lock:
+        if VFS_NAME in apsw.vfs_names():
+            return VFS_NAME
+        if not available():
+            raise ChecksumsUnavailableError(
+                f"page checksums need SQLite's cksumvfs, which this apsw {apsw.apsw_version()} does not ship "
+                "(apsw.sqlite_extra has no 'cksumvfs'); upgrade apsw, or open the store without checksums"
+            )
+        from apsw import sqlite_extra
+
+        loader = apsw.Connection(":memory:")
+        try:
+            sqlite_extra.load(loader, "cksumvfs")
+        finally:
+            loader.close()
+        if VFS_NAME not in apsw.vfs_names():
+            raise ChecksumsUnavailableError(f"loading cksumvfs did not register a VFS named {VFS_NAME!r}")
+        return VFS_NAME
+
+
+def reserve_bytes(path: str | os.PathLike[str]) -> int | None:
+    """The reserved bytes per page of a SQLite file (8: checksummed), or None if it has no header yet."""
+    with open(path, "rb") as fh:
+        header = fh.read(100)
+    if len(header) < 100 or not header.startswith(b"SQLite format 3\x00"):
+        return None
+    return header[_RESERVE_OFFSET]
+
+
+def enabled(path: str | os.PathLike[str]) -> bool:
+    """Whether a store file keeps page checksums."""
+    return reserve_bytes(path) == RESERVE_BYTES
+
+
+def _set_reserve(conn: apsw.Connection, where: str) -> None:
+    wanted = ctypes.c_int(RESERVE_BYTES)
+    if not conn.file_control("main", apsw.SQLITE_FCNTL_RESERVE_BYTES, ctypes.addressof(wanted)):
+        raise LocalStoreError(f"{where}: SQLite refused to reserve {RESERVE_BYTES} bytes per page for checksums")
+
+
+def create(path: str | os.PathLike[str]) -> None:
+    """Create a new, empty SQLite file (mode 0600) whose pages will carry checksums; ``ls.open`` then fills it."""
+    where = os.fspath(path)
+    register()
+    if os.path.exists(where) and os.path.getsize(where):
+        raise StoreOpenError(f"{where} already exists; use checksums.convert() for an existing store")
+    create_private_file(where)
+    conn = apsw.Connection(where, vfs=VFS_NAME)
+    try:
+        _set_reserve(conn, where)
+        # Writing the header fixes the reserve; the store's own set-up (WAL, tables) follows in ls.open.
+        conn.execute("PRAGMA user_version = 0; CREATE TABLE _ls_cksum(x); DROP TABLE _ls_cksum")
+    finally:
+        conn.close()
+    if not enabled(where):
+        raise LocalStoreError(f"{where}: the file was created without room for page checksums")
+
+
+def convert(path: str | os.PathLike[str]) -> None:
+    """Rewrite an existing store (closed, no other connection) so that its pages carry checksums.
+
+    This VACUUMs the file: it takes as long as copying it, needs as much free space,
+    and rewrites every page, each now with its checksum.
+    """
+    where = os.fspath(path)
+    register()
+    if enabled(where):
+        return
+    conn = apsw.Connection(where, vfs=VFS_NAME, flags=apsw.SQLITE_OPEN_READWRITE)
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        # A WAL file cannot change its page layout in place: VACUUM in rollback mode, then switch back.
+        conn.execute("PRAGMA journal_mode = DELETE")
+        _set_reserve(conn, where)
+        conn.execute("VACUUM")
+        conn.execute(f"PRAGMA journal_mode = {mode}")
+    except apsw.Error as exc:
+        raise LocalStoreError(f"{where}: could not rewrite the store with page checksums ({exc}); "
+                              "close every connection to it and retry") from None
+    finally:
+        conn.close()
+    if not enabled(where):
+        raise LocalStoreError(f"{where}: VACUUM kept the old page layout; page checksums are not on")
+
+
+def is_checksum_error(exc: BaseException) -> bool:
+    """Whether an apsw error is a page failing its checksum (for mapping it to ``CorruptStoreError``)."""
+    return isinstance(exc, apsw.IOError) and getattr(exc, "extendedresult", None) == IOERR_DATA
