@@ -443,3 +443,75 @@ def test_verify_reports_a_damaged_index_by_name(tmp_path: Path) -> None:
         report = store.verify()
     assert not report.ok
     assert any(name in p for p in report.problems), report.problems
+
+
+# -- opt-in page checksums (localstore.checksums, SQLite's cksumvfs) -------------------------------
+
+# Run in a child process: loading cksumvfs makes it the default VFS of the whole process.
+CHECKSUM_CAMPAIGN = r"""
+import json, random, sys
+from collections import Counter
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import test_corruption as tc
+import localstore as ls
+from localstore import checksums
+
+root, random_flips, aimed_flips = Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+rows = tc.make_rows(120, 1)
+expected = {r["id"]: r for r in rows}
+checksums.create(root / "checked.db")
+with ls.open(root / "checked.db", key=tc.KEY, vfs=checksums.register()) as store:
+    store.collection("things", key="id", fields=tc.FIELDS).put_many(rows)
+with ls.open(root / "unchecked.db", key=tc.KEY, vfs="unix") as store:  # the control: no reserved bytes
+    store.collection("things", key="id", fields=tc.FIELDS).put_many(rows)
+assert checksums.enabled(root / "checked.db") and not checksums.enabled(root / "unchecked.db")
+
+def campaign(name, count, seed, aimed):
+    original = (root / name).read_bytes()
+    spots = [i for i in range(len(original)) if original.startswith(b"plain value ", i)]
+    rng = random.Random(seed)
+    out = Counter()
+    for run in range(count):
+        data = bytearray(original)
+        pos = rng.choice(spots) + rng.randrange(12, 15) if aimed else rng.randrange(len(data))
+        tc.flip(data, pos, rng)
+        path = root / f"run{run % 4}.db"
+        for suffix in ("-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        path.write_bytes(bytes(data))
+        result = tc.read_all(path, expected)
+        out[result.split(":")[0] if result.startswith("crash") else result] += 1
+    return dict(out)
+
+print(json.dumps({
+    "checked, random": campaign("checked.db", random_flips, 41, False),
+    "checked, aimed": campaign("checked.db", aimed_flips, 42, True),
+    "unchecked, aimed": campaign("unchecked.db", aimed_flips, 42, True),
+}))
+"""
+
+
+def test_page_checksums_detect_flips_in_plain_values(tmp_path: Path) -> None:
+    """With checksums.create + vfs=checksums.register(), a flipped byte in a plain Text value is detected."""
+    import json
+    import subprocess
+    import sys
+
+    from localstore import checksums
+
+    if not checksums.available():
+        pytest.skip("this apsw ships no cksumvfs")
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", CHECKSUM_CAMPAIGN, str(tests), str(tmp_path), str(runs(200)),
+                           str(runs(60))], capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    for name, counts in out.items():
+        print(f"\npage checksums, {name}: {sum(counts.values())} flips: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    # The control shows the aimed flips do change plain values when nothing checks the pages...
+    assert any(k.startswith("wrong") for k in out["unchecked, aimed"]), out["unchecked, aimed"]
+    # ...and with checksums every one of them is detected, and no random flip reads back wrong.
+    assert out["checked, aimed"] == {"detected": runs(60)}, out["checked, aimed"]
+    assert not [k for k in out["checked, random"] if k.startswith(("wrong", "crash"))], out["checked, random"]
