@@ -51,7 +51,7 @@ VFS_NAME = "cksmvfs"
 RESERVE_BYTES = 8
 
 #: The extended result code of a page whose checksum fails (SQLITE_IOERR_DATA).
-IOERR_DATA = 10 | (32 << 8)
+IOERR_DATA = apsw.SQLITE_IOERR_DATA
 
 #: Offset of the "reserved bytes per page" byte in a SQLite file header.
 _RESERVE_OFFSET = 20
@@ -114,6 +114,25 @@ def _set_reserve(conn: apsw.Connection, where: str) -> None:
     wanted = ctypes.c_int(RESERVE_BYTES)
     if not conn.file_control("main", apsw.SQLITE_FCNTL_RESERVE_BYTES, ctypes.addressof(wanted)):
         raise LocalStoreError(f"{where}: SQLite refused to reserve {RESERVE_BYTES} bytes per page for checksums")
+
+
+def prepare(conn: apsw.Connection, path: str) -> None:
+    """Connection set-up step for ``open(..., checksums=True)``: reserve checksum bytes in a new file, or check them.
+
+    Call it right after the connection is opened through ``register()``'s VFS and before
+    anything writes (the WAL switch included): on a file with no pages yet, the reserve
+    takes effect with the first page written. An existing file without checksums is
+    refused, naming ``convert``; rewriting it silently would be a surprise VACUUM.
+    """
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    if pages == 0:
+        _set_reserve(conn, path)
+        return
+    if reserve_bytes(path) != RESERVE_BYTES:
+        raise StoreOpenError(
+            f"{path} has no page checksums (it was created without them); close it everywhere and run "
+            "localstore.checksums.convert(path) once (it rewrites the file), or open it without checksums=True"
+        )
 
 
 def create(path: str | os.PathLike[str]) -> None:

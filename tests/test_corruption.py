@@ -515,3 +515,52 @@ def test_page_checksums_detect_flips_in_plain_values(tmp_path: Path) -> None:
     # ...and with checksums every one of them is detected, and no random flip reads back wrong.
     assert out["checked, aimed"] == {"detected": runs(60)}, out["checked, aimed"]
     assert not [k for k in out["checked, random"] if k.startswith(("wrong", "crash"))], out["checked, random"]
+
+
+CHECKSUM_LIFECYCLE = r"""
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import apsw
+import test_corruption as tc
+import localstore as ls
+from localstore import checksums
+
+root = Path(sys.argv[2])
+rows = tc.make_rows(50, 5)
+old = root / "old.db"
+with ls.open(old, key=tc.KEY, vfs="unix") as store:
+    store.collection("things", key="id", fields=tc.FIELDS).put_many(rows)
+vfs = checksums.register()
+conn = apsw.Connection(str(old), vfs=vfs)
+try:
+    checksums.prepare(conn, str(old))
+    raise SystemExit("prepare accepted a file without checksums")
+except ls.StoreOpenError as exc:
+    assert "checksums.convert" in str(exc), exc
+finally:
+    conn.close()
+checksums.convert(old)
+assert checksums.enabled(old)
+with ls.open(old, key=tc.KEY) as store:
+    assert store.verify().ok
+    assert all(tc.same(store.collection("things").get(r["id"]), r) for r in rows)
+    store.backup(root / "backup.db")
+assert checksums.enabled(root / "backup.db")
+print("ok")
+"""
+
+
+def test_page_checksums_convert_an_existing_store_and_survive_backups(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from localstore import checksums
+
+    if not checksums.available():
+        pytest.skip("this apsw ships no cksumvfs")
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", CHECKSUM_LIFECYCLE, str(tests), str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:] + done.stdout
