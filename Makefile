@@ -18,12 +18,14 @@ demo: $(STAMP)
 	$(PY) -m localstore demo --dir data/demo
 
 # The whole suite, soak tests included. Exit code 5 (no tests collected) is a failure.
+# tests/secrets_sweep.py runs pytest -q with a sentinel master key and Postgres password,
+# then fails if either appears in the output, the logs or any file the run wrote.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) tests/secrets_sweep.py
 
-# Skips the long soak tests.
+# Skips the long soak tests (with the same secrets sweep).
 test-quick: $(STAMP)
-	$(PY) -m pytest -q -m 'not soak'
+	$(PY) tests/secrets_sweep.py -m 'not soak'
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py all --quick
