@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import os
 import random
-import zlib
 import tempfile
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -330,8 +330,8 @@ def run(quick: bool = False) -> Report:
     report.notes += [
         "ratios are raw bytes / stored bytes (flag and dictionary-id bytes included) on the last 10% of records",
         "put_many runs write the rows in batches, so automatic dictionary training happens inside the compressed runs",
-        "noise arrays: 64 KiB of random float32 bit patterns; 'compressed in full first' is the path every such "
-        "value took before the probe (zstd level 3 on the whole byte-shuffled array, then stored raw)",
+        ("noise arrays: 64 KiB of random float32 bit patterns; 'compressed in full first' is the path every such "
+         "value took before the probe (zstd level 3 on the whole byte-shuffled array, then stored raw)"),
         "targets are informational; a MISS does not fail the run",
     ]
     report.elapsed_s = time.perf_counter() - started

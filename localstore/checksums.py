@@ -124,7 +124,7 @@ def prepare(conn: apsw.Connection, path: str) -> None:
     takes effect with the first page written. An existing file without checksums is
     refused, naming ``convert``; rewriting it silently would be a surprise VACUUM.
     """
-    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    pages = conn.execute("PRAGMA page_count").fetchall()[0][0]
     if pages == 0:
         _set_reserve(conn, path)
         return
@@ -166,7 +166,7 @@ def convert(path: str | os.PathLike[str]) -> None:
     conn = apsw.Connection(where, vfs=VFS_NAME, flags=apsw.SQLITE_OPEN_READWRITE)
     try:
         conn.execute("PRAGMA busy_timeout = 5000")
-        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        mode = conn.execute("PRAGMA journal_mode").fetchall()[0][0]
         # A WAL file cannot change its page layout in place: VACUUM in rollback mode, then switch back.
         conn.execute("PRAGMA journal_mode = DELETE")
         _set_reserve(conn, where)

@@ -52,7 +52,7 @@ import apsw
 import zstandard as zstd
 
 from . import clock
-from .errors import CodecError, MissingDictionaryError
+from .errors import CodecError
 
 if TYPE_CHECKING:
     from .store import Store
@@ -128,7 +128,7 @@ def checked_raw(data: bytes) -> bytes:
     return b"".join((b"\x04", data, _CRC.pack(zlib.crc32(data))))  # one copy of a value that may be large
 
 
-def _shuffle(body: bytes, itemsize: int) -> bytes:
+def _shuffle(body: bytes | memoryview, itemsize: int) -> bytes:
     """Byte-plane order (every item's first byte, then every second byte...): floats then compress."""
     import numpy as np
 
@@ -380,7 +380,7 @@ class FieldCompressor:
         frame = self.book.plain.compress(data)
         return b"\x01" + frame if len(frame) < n else self.raw(data)
 
-    def worth_compressing(self, body: bytes, itemsize: int) -> bool:
+    def worth_compressing(self, body: bytes | memoryview, itemsize: int) -> bool:
         """Whether a sample of ``body`` shrinks by ``DEFAULT_MIN_SAVING`` at the probe's level.
 
         The sample is four slices of whole items (at the start, the end and in between), so
@@ -401,7 +401,8 @@ class FieldCompressor:
         return False
 
     def _shuffled(self, data: bytes) -> bytes:
-        prefix, body, itemsize = b"", data, self.itemsize or 1
+        prefix, itemsize = b"", self.itemsize or 1
+        body: bytes | memoryview = data
         if self.itemsize == 0:  # an Array: keep its dtype/shape header, shuffle the data by item size
             from .fields import _ARRAY_HEAD, array_dtype
 

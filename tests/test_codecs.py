@@ -19,7 +19,7 @@ import localstore as ls
 from localstore import dictionaries
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _harness import english_text  # noqa: E402
+from _harness import english_text
 
 KEY = ls.generate_key()
 

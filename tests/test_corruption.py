@@ -504,8 +504,9 @@ def test_page_checksums_detect_flips_in_plain_values(tmp_path: Path) -> None:
         pytest.skip("this apsw ships no cksumvfs")
     tests = Path(__file__).resolve().parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", CHECKSUM_CAMPAIGN, str(tests), str(tmp_path), str(runs(200)),
-                           str(runs(60))], capture_output=True, text=True, env=env, timeout=900)
+    done = subprocess.run(  # noqa: PLW1510 - the return code is asserted below, with stderr
+        [sys.executable, "-c", CHECKSUM_CAMPAIGN, str(tests), str(tmp_path), str(runs(200)), str(runs(60))],
+        capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     for name, counts in out.items():
@@ -561,6 +562,7 @@ def test_page_checksums_convert_an_existing_store_and_survive_backups(tmp_path: 
         pytest.skip("this apsw ships no cksumvfs")
     tests = Path(__file__).resolve().parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", CHECKSUM_LIFECYCLE, str(tests), str(tmp_path)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(  # noqa: PLW1510 - the return code is asserted below, with stderr
+        [sys.executable, "-c", CHECKSUM_LIFECYCLE, str(tests), str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:] + done.stdout
