@@ -252,14 +252,16 @@ class FieldCodec:
             if not isinstance(data, bytes):
                 raise CodecError(f"{self.where(key)}: the stored value is not a compressed value")
             try:
-                data = self.book.decompress(data)
+                data = self.book.decompress(data, sealed=self.encrypt)
             except LookupError as exc:
                 raise MissingDictionaryError(
                     f"{self.where(key)}: the value was compressed with zstd dictionary {exc.args[0]}, which this "
                     "store's _ls_dicts table does not hold (a copy made without it?); copy _ls_dicts from the source store"
                 ) from None
             except CodecError as exc:
-                raise CodecError(f"{self.where(key)}: {exc}") from None
+                raise CodecError(
+                    f"{self.where(key)}: {exc}; restore the row from a backup (store.backup) or a sync"
+                ) from None
         try:
             value = self.from_bytes(data)
             return value if self.field_decode is None else self.field_decode(value)

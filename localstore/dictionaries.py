@@ -14,10 +14,20 @@ that an ``encrypt=True, compress=True`` field then encrypts) starts with a flag:
     0x05  numbers (Array, Vector): one zstd frame holding 1-byte item size, 4-byte prefix
           length, the prefix (the dtype/shape header) and the byte-shuffled data
 
-Every zstd frame carries its content checksum, so with 0x04 and 0x05 a damaged byte
-anywhere after the flag is detected: CRC-32 catches every burst of up to 32 bits, so
-every single damaged byte of a 0x04 value, and zstd's checksum (XXH64) the rest. The
-older 0x00 (outside encryption) and 0x03 forms stay readable, without that guarantee.
+What catches damage: a 0x04 value's CRC-32 (every burst of up to 32 bits, so every
+single damaged byte, and almost all else); the content checksum of every zstd frame
+(0x01, 0x02, 0x05; a 0x05 frame holds the array header too); and nothing but the
+AES-GCM tag inside an encrypted value. The flag byte is the one part no checksum
+covers: damaged into another flag, the bytes after it fail to decode, except into
+0x00, which hands them back. Outside encryption, a 0x00 value that ends with the
+CRC-32 of the rest is therefore refused as a damaged 0x04 one (an older value ends
+so by chance once in 2^32). A 0x01/0x02/0x05 flag damaged into 0x00 hands back a zstd
+frame: Array, Json, Text and number fields then fail to decode it (its magic number
+is no array header and not UTF-8), a Blob field would not. The older 0x00 (outside
+encryption) and 0x03 forms stay readable, without those guarantees; 0x03 values are
+cross-checked (item size against dtype, header length) but a damaged dtype letter
+of the same size (``<f4`` into ``<i4``) reads back wrong: rewrite such values
+(``put`` them again) to move them to 0x05.
 
 Values of ``DEFAULT_PROBE_BYTES`` or more are probed first: a sample of
 ``DEFAULT_PROBE_SAMPLE_BYTES`` spread over the value is compressed at a fast level,
@@ -233,8 +243,11 @@ class Dictionaries:
             self._by_id.pop(dict_id, None)
         return found
 
-    def decompress(self, data: bytes) -> bytes:
-        """Undo ``FieldCompressor.compress``; LookupError names a missing dictionary id, CodecError damage."""
+    def decompress(self, data: bytes, *, sealed: bool = False) -> bytes:
+        """Undo ``FieldCompressor.compress``; LookupError names a missing dictionary id, CodecError damage.
+
+        ``sealed``: the bytes come out of an authenticated decryption, so no check is needed on 0x00.
+        """
         flag = data[0] if data else -1
         try:
             if flag == CHECKED:
@@ -243,6 +256,8 @@ class Dictionaries:
                     raise CodecError("the value fails its CRC-32 checksum (its bytes were altered)")
                 return body
             if flag == RAW:
+                if not sealed and len(data) >= 5 and zlib.crc32(data[1:-4]) == _CRC.unpack_from(data, len(data) - 4)[0]:
+                    raise CodecError("the value's flag byte was damaged (a checked raw value now claims to be unchecked)")
                 return data[1:]
             if flag == PLAIN:
                 with self._lock:

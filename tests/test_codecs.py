@@ -165,22 +165,22 @@ def test_every_damaged_byte_of_a_raw_value_is_detected(tmp_path: Path) -> None:
     outcomes: dict[str, int] = {}
     with ls.open(path) as store:
         coll = store.collection("c")
-        for pos in range(1, len(stored)):  # the flag byte is the one part a checksum cannot cover
-            for mask in (0x01, 0x02, 0x10, 0x80, 0xFF):
+        for pos in range(len(stored)):  # the flag too: 0x04 ^ 0x04 is the older, unchecked 0x00
+            for mask in (0x01, 0x02, 0x04, 0x10, 0x80, 0xFF):
                 damaged = bytearray(stored)
                 damaged[pos] ^= mask
                 conn.execute("UPDATE c SET b = ? WHERE id = 1", (bytes(damaged),))
                 try:
                     got = coll.get(1)
                 except ls.CodecError as exc:
-                    assert "'c'" in str(exc) and "'b'" in str(exc) and "checksum" in str(exc)
+                    assert "'c'" in str(exc) and "'b'" in str(exc) and "restore the row" in str(exc)
                     outcomes["detected"] = outcomes.get("detected", 0) + 1
                 else:
                     outcomes["wrong" if got != {"id": 1, "b": value} else "same"] = 1
         conn.execute("UPDATE c SET b = ? WHERE id = 1", (stored,))
         assert coll.get(1) == {"id": 1, "b": value}
     conn.close()
-    assert outcomes == {"detected": (len(stored) - 1) * 5}
+    assert outcomes == {"detected": len(stored) * 6}
 
 
 def _legacy_numbers(array: np.ndarray) -> bytes:
