@@ -24,13 +24,23 @@ Use::
 Rules that follow from the design (they are SQLite's):
 
 - ``register()`` makes the shim SQLite's default VFS for the whole process (that is
-  what the extension does on load), so every connection that writes a checksummed
-  file, localstore's or anyone's in this process, keeps its checksums current. A
-  writer in another program that does not load cksumvfs (the ``sqlite3`` shell)
-  leaves stale checksums, which then read as damage: write checksummed stores only
-  through localstore. Readers without the shim read the file normally, unchecked.
+  what the extension does on load), so every connection opened afterwards that writes
+  a checksummed file, localstore's or anyone's in this process, keeps its checksums
+  current. Register before opening a checksummed store anywhere in the process: a
+  connection opened earlier, or a writer in another program that does not load
+  cksumvfs (the ``sqlite3`` shell, a sync daemon started without it), leaves stale
+  checksums behind, which then read as damage. Readers without the shim read the
+  file normally, unchecked.
 - The reserve is fixed when a file is created or vacuumed; ``convert`` rewrites the file.
 - Backups made with ``store.backup`` copy pages with their checksums and stay checked.
+- A page that fails is reported by SQLite as an I/O error (``SQLITE_IOERR_DATA``);
+  ``is_checksum_error`` tells it from a failing disk.
+
+Cost, measured in one run against the same store opened without the shim (20,000
+rows, load average 8.5 on 2 cores): put_many 0.99x, cold ``get`` 1.15x, full scan
+1.04x. A pass-through VFS written in Python with apsw, computing only a CRC-32 of
+each page (no storing, no checking yet), already cost 1.20x on put_many and 1.46x
+on cold gets, which is why this module uses the C shim and not a Python one.
 """
 
 from __future__ import annotations
