@@ -126,6 +126,8 @@ class Central:
         self.partitions = partitions
         self._conn: psycopg.Connection[Any] | None = None
         self.have_vector = False
+        #: Row-level security is set up (``localstore sync tenancy setup``): state tables go through its definer function.
+        self.tenancy = False
         self._columns: dict[str, dict[str, str]] = {}  # state table -> column -> type
         self._stores: dict[str, StoreInfo] = {}
         self._staging: set[str] = set()  # temp staging tables made on this connection
@@ -210,6 +212,11 @@ class Central:
                     sql.SQL("SELECT value FROM {} WHERE key = 'schema_version'").format(self._q("meta"))
                 ).fetchone()
                 version = int(row[0]) if row else 0
+            from . import tenancy
+
+            self.tenancy = bool(exists) and tenancy.marker(c, self.schema) is not None
+            if self.tenancy and version < SCHEMA_VERSION:
+                tenancy.check_can_migrate(c, self.schema, self.shown, version, SCHEMA_VERSION)
             if version > SCHEMA_VERSION:
                 raise CentralSchemaError(
                     f"the central schema {self.schema!r} at {self.shown} is version {version}, newer than this "
@@ -352,7 +359,10 @@ class Central:
                     "ON CONFLICT (store_id, dict_id) DO NOTHING").format(self._q("dictionaries")),
                     (store_id, d["dict_id"], d.get("collection"), d.get("field"), d["data"]))
 
-        self.run(f"registering store {name}", reg)
+        try:
+            self.run(f"registering store {name}", reg)
+        except SyncError as exc:
+            raise self._refused(exc, name, store_id) from None
         info.dictionaries.update(d["dict_id"] for d in new_dicts)
         info.plans = {spec["name"]: self._plan(spec) for spec in specs if spec["sync"]}
         info.specs_digest = digest
@@ -403,7 +413,18 @@ class Central:
             self._columns[table] = found
         return found  # type: ignore[no-any-return]
 
+    def _refused(self, exc: SyncError, name: str, store_id: str) -> SyncError:
+        """``exc``, or with tenancy on and a row-level security refusal, the error naming the claimed store."""
+        from .tenancy import refused
+
+        return refused(exc, self.schema, name, store_id) if self.tenancy else exc
+
     def _extend(self, c: psycopg.Connection[Any], table: str, spec: dict[str, Any], wanted: dict[str, str]) -> None:
+        if self.tenancy:  # tenants own no tables: the owner's definer function creates and extends them
+            from .tenancy import ensure_state_table
+
+            ensure_state_table(c, self.schema, table, spec, wanted, self.hnsw)
+            return
         c.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"localstore-table:{self.schema}.{table}",))
         t = self._q(table)
         c.execute(sql.SQL(
@@ -458,8 +479,11 @@ class Central:
                 # Text with NUL, which Postgres refuses, or a registry behind the change log (edited
                 # by hand?): ship the batch again with every converter, conflict-safe.
                 self.run(action, lambda c: self._merge(c, info, by_coll, last, careful=True))
-        except BaseException:
+        except SyncError as exc:
             info.position = None  # unknown: the commit may or may not have happened
+            raise self._refused(exc, info.name, info.store_id) from None
+        except BaseException:
+            info.position = None
             raise
         info.position = max(info.position or 0, last.seq)
 

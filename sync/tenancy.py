@@ -309,7 +309,8 @@ BEGIN
       MESSAGE = format('%I.%I is not a localstore state table', v_schema, p_table);
   END IF;
   IF v_rel IS NULL THEN
-    EXECUTE format('CREATE TABLE %I.%I (_ls_store uuid NOT NULL, _ls_key text NOT NULL, _ls_seq bigint NOT NULL, '
+    EXECUTE format('CREATE TABLE %I.%I (_ls_store uuid NOT NULL, _ls_key text COLLATE "C" NOT NULL, '
+                   '_ls_seq bigint NOT NULL, '
                    '_ls_hlc bigint NOT NULL, _ls_deleted boolean NOT NULL DEFAULT false, '
                    '_ls_xid bigint NOT NULL DEFAULT pg_current_xact_id()::text::bigint, '
                    '_ls_synced_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (_ls_store, _ls_key))',
@@ -391,6 +392,32 @@ def ensure_state_table(conn: psycopg.Connection[Any], schema: str, table: str, s
             ops = mapping.HNSW_OPS[fspec.get("metric", "cosine")]
         columns.append({"name": fname, "type": pgtype, "hnsw": ops})
     conn.execute(sql.SQL("SELECT {}(%s, %s)").format(sql.Identifier(schema, FUNCTION)), (table, Jsonb(columns)))
+
+
+def refused(exc: SyncError, schema: str, name: str, store_id: str) -> SyncError:
+    """A row-level security refusal while registering or shipping a store, said as what it means."""
+    if not isinstance(exc.__context__, psycopg.errors.InsufficientPrivilege) or "row-level security" not in str(exc):
+        return exc
+    return TenancyError(
+        f"store {name} (id {store_id}) is claimed by another tenant role in schema {schema!r}: row-level security "
+        "lets a role register and write only store ids it claimed first. If this file is a copy of another "
+        "daemon's store, sync it with that daemon's role; to move the store, the admin runs "
+        f"UPDATE {schema}.stores SET tenant = 'ROLE' WHERE store_id = '{store_id}'")
+
+
+def check_can_migrate(conn: psycopg.Connection[Any], schema: str, shown: str, version: int, target: int) -> None:
+    """Refuse, clearly, a tenant connection that finds the schema older than this code: only the admin migrates."""
+    owner = conn.execute(
+        "SELECT rolsuper OR pg_has_role(current_user, c.relowner, 'USAGE') FROM pg_class c, pg_roles r "
+        "WHERE c.oid = %s::regclass AND r.rolname = current_user", (sql.Identifier(schema, "meta").as_string(conn),)
+    ).fetchone()
+    if not (owner and owner[0]):
+        from .errors import CentralSchemaError
+
+        raise CentralSchemaError(
+            f"the central schema {schema!r} at {shown} is version {version} and this localstore needs {target}; "
+            "a tenant role cannot migrate it: the admin runs `localstore sync tenancy setup` (which migrates and "
+            "re-applies row-level security) with the admin URL")
 
 
 # -- tenants ---------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import psycopg
 import pytest
 from _sync_workers import assert_converged
 from localstore.sync import SyncEngine, SyncError, restore, subscribe, tenancy
+from localstore.sync.tenancy import TenancyError
 from pg_fixture import PgServer
 from psycopg import sql
 
@@ -264,7 +265,7 @@ def test_two_tenants_are_isolated_in_every_central_table(tmp_path: Path, tenants
     stolen.close()
     with pytest.raises(SyncError) as err:
         _sync(ws_a, t.url_a, t.schema)
-    assert "row-level security" in str(err.value) or "claimed" in str(err.value)
+    assert isinstance(err.value, TenancyError) and "is claimed by another tenant role" in str(err.value)
     assert PASSWORD_A not in str(err.value)
     (tmp_path / "a" / "thief.db").unlink()
     with _admin_conn(t) as admin:
