@@ -260,6 +260,14 @@ def _secure(conn: psycopg.Connection[Any], schema: str, group: str, owner: str) 
     state_rule = sql.SQL("USING (_ls_store IN ({})) WITH CHECK (_ls_store IN ({}))").format(own_stores, own_stores)
     for table in state_tables(conn, schema):
         protect(table, state_rule, rw)
+    # Any other table (one a later migration added, or made by hand): forced RLS, the owner only.
+    for (table,) in conn.execute(
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = %s AND c.relkind IN ('r', 'p') AND NOT c.relname = ANY(%s) ORDER BY 1",
+            (schema, secured)).fetchall():
+        log.warning("table %s.%s has no tenant policy: tenants cannot read or write it", schema, table,
+                    extra={"event": "tenancy_unknown_table", "table": table})
+        protect(table, None, None)
     _create_function(conn, schema, group, owner)
     conn.execute(sql.SQL("INSERT INTO {} (key, value) VALUES (%s, %s), (%s, %s) "
                          "ON CONFLICT (key) DO UPDATE SET value = excluded.value").format(q("meta")),

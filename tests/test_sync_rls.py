@@ -22,7 +22,7 @@ import numpy as np
 import psycopg
 import pytest
 from _sync_workers import assert_converged
-from localstore.sync import SyncEngine, SyncError, restore, subscribe, tenancy
+from localstore.sync import CentralSchemaError, SyncEngine, SyncError, restore, subscribe, tenancy
 from localstore.sync.tenancy import TenancyError
 from pg_fixture import PgServer
 from psycopg import sql
@@ -334,6 +334,13 @@ def test_each_tenant_still_syncs_restores_and_pulls_its_own(tmp_path: Path, tena
         restore(t.url_a, store_b.name, tmp_path / "stolen-b.db", schema=t.schema)
     assert store_b.name not in str(err.value).split("known:")[-1]  # the list of known stores is A's only
     assert not (tmp_path / "stolen-b.db").exists()
+    # A schema older than the code: a tenant cannot migrate it, and says who can.
+    with _admin_conn(t) as admin:
+        admin.execute(sql.SQL("UPDATE {} SET value = '0' WHERE key = 'schema_version'").format(
+            sql.Identifier(t.schema, "meta")))
+    with pytest.raises(CentralSchemaError, match="tenant role cannot migrate") as err:
+        _sync(ws_a, t.url_a, t.schema)
+    assert PASSWORD_A not in str(err.value)
     for ws in (ws_a, ws_b):
         ws.close()
 
@@ -438,3 +445,42 @@ def test_views_for_the_admin_and_tenants(tmp_path: Path, tenants: Tenants) -> No
     finally:
         with _admin_conn(t) as conn:
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(views)))
+
+
+def test_definer_state_tables_match_the_engines_own(tmp_path: Path, tenants: Tenants, pg_server: PgServer) -> None:
+    """A state table made by the definer function has the columns, types, collations and indexes
+    of one made by the engine without tenancy, so shipping and pull behave the same."""
+    t = tenants
+    plain = "p_" + uuid.uuid4().hex[:10]
+    ws, _store = _workspace(tmp_path, "a", 7)
+    try:
+        engine = SyncEngine(ws, t.url_a, schema=t.schema, watch=False, workers=1, hnsw=True)
+        try:
+            engine.sync_now()
+        finally:
+            engine.close()
+        engine = SyncEngine(ws, pg_server.admin_url, schema=plain, watch=False, workers=1, hnsw=True)
+        try:
+            engine.sync_now()
+        finally:
+            engine.close()
+
+        def shape(conn: psycopg.Connection[Any], schema: str, table: str) -> tuple[Any, ...]:
+            rel = sql.Identifier(schema, table).as_string(conn)
+            cols = conn.execute(
+                "SELECT attname, format_type(atttypid, atttypmod), attnotnull, attcollation::regcollation::text, "
+                "pg_get_expr(d.adbin, d.adrelid) FROM pg_attribute a LEFT JOIN pg_attrdef d "
+                "ON d.adrelid = a.attrelid AND d.adnum = a.attnum WHERE a.attrelid = %s::regclass AND a.attnum > 0 "
+                "AND NOT a.attisdropped ORDER BY attname", (rel,)).fetchall()
+            idx = conn.execute(
+                "SELECT replace(regexp_replace(pg_get_indexdef(indexrelid), ' ON \\S+', ''), %s, '') "
+                "FROM pg_index WHERE indrelid = %s::regclass ORDER BY 1", (table, rel)).fetchall()
+            return tuple(cols), tuple(r[0] for r in idx)
+
+        with _admin_conn(t) as conn:
+            for table in ("c_kernels", "c_facts"):
+                assert shape(conn, t.schema, table) == shape(conn, plain, table), table
+    finally:
+        ws.close()
+        with _admin_conn(t) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(plain)))
