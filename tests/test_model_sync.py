@@ -28,12 +28,12 @@ import hypothesis.strategies as st
 import msgpack
 import psycopg
 import pytest
-from _sync_workers import central_rows, local_rows
+from _sync_workers import local_rows
 from conftest import MASTER_KEY
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
 from localstore.keys import table_exists
-from localstore.sync import SyncEngine, restore
+from localstore.sync import SyncEngine, restore, state_table_name
 from pg_fixture import PgServer
 from psycopg import sql
 
@@ -160,6 +160,7 @@ class SyncMachine(RuleBasedStateMachine):
         self.url = self.server.url
         self.slots: list[Slot] = []
         self.engine: SyncEngine | None = None
+        self.conn: psycopg.Connection[Any] | None = None
         self.restores = 0
 
     # -- set-up and tear-down -------------------------------------------------------------
@@ -175,6 +176,8 @@ class SyncMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         if self.engine is not None:
             self.engine.close()
+        if self.conn is not None:
+            self.conn.close()
         for slot in self.slots:
             if slot.store is not None:
                 slot.store.close()
@@ -194,6 +197,12 @@ class SyncMachine(RuleBasedStateMachine):
         if self.engine is None:
             self.engine = SyncEngine(self.ws_dir, self.url, schema=self.schema, watch=False, workers=1)
         return self.engine
+
+    def pg(self) -> psycopg.Connection[Any]:
+        """The machine's own Postgres connection for checks (autocommit: each query sees the latest commit)."""
+        if self.conn is None or self.conn.closed:
+            self.conn = psycopg.connect(self.url, autocommit=True)
+        return self.conn
 
     def release_files(self) -> None:
         """Close the engine's own connections to the store files (before a fork, or before a file goes away)."""
@@ -267,44 +276,52 @@ class SyncMachine(RuleBasedStateMachine):
             slot.central_key = slot.key
             slot.central_seq = slot.last_seq
             slot.shipped_keys |= {c.key for c in all_changes(slot.store)}
-            self.check_central(slot)
+            self.check_central(slot, against_local=True)
 
-    def check_central(self, slot: Slot) -> None:
-        """Postgres holds the store's rows: plain fields equal, encrypted ones as the stored ciphertext."""
+    def check_central(self, slot: Slot, *, against_local: bool) -> None:
+        """Postgres holds the model's central rows of the store; the key holder decrypts them to the model's values.
+
+        Plain fields are equal column by column; encrypted fields are ciphertext, and
+        with ``against_local`` (right after a sync) byte for byte what the store holds.
+        The newest central change-log record of each live key decodes, with the store's
+        keys, to the model's row: a forgotten subject's values read FORGOTTEN there too.
+        """
         assert slot.store is not None and slot.central is not None
-        central = central_rows(self.url, self.schema, slot.store.id, COLL)
+        conn = self.pg()
+        cur = conn.execute(sql.SQL("SELECT * FROM {} WHERE _ls_store = %s").format(
+            sql.Identifier(self.schema, state_table_name(COLL))), (slot.store.id,))
+        names = [d.name for d in cur.description or []]
+        central = {r[names.index("_ls_key")]: dict(zip(names, r)) for r in cur.fetchall()}
         live = {k: r for k, r in central.items() if not r["_ls_deleted"]}
         assert live.keys() == slot.central.keys(), (slot.name, sorted(live), sorted(slot.central))
-        assert set(central) <= slot.shipped_keys | set(slot.central)
-        local = local_rows(slot.store, COLL)
+        assert set(central) <= slot.shipped_keys | set(slot.central)  # the rest are tombstones of shipped keys
+        local = local_rows(slot.store, COLL) if against_local else {}
         for pid, expected in slot.central.items():
             got = live[pid]
             assert got["_ls_seq"] <= slot.central_seq
             for name in ("pid", "subj", "name", "n"):
                 assert got[name] == expected[name], (slot.name, pid, name, got[name], expected[name])
             for name in ENCRYPTED:
-                stored = local[pid][name]
                 if expected[name] is None:
-                    assert got[name] is None and stored is None
-                else:
-                    # Ciphertext only, byte for byte what the store holds: never the plaintext.
-                    assert bytes(got[name]) == stored, (slot.name, pid, name)
-                    if expected[name] is not ls.FORGOTTEN and len(expected[name]) >= 6:
-                        assert expected[name].encode() not in bytes(got[name])
-        # The key holder decrypts the central change log's newest record of each key to the model's row;
-        # a forgotten subject's values stay unreadable there too.
-        with psycopg.connect(self.url) as conn:
-            newest = conn.execute(sql.SQL(
-                "SELECT DISTINCT ON (key) key, op, payload FROM {} WHERE store_id = %s AND collection = %s "
-                "ORDER BY key, seq DESC").format(sql.Identifier(self.schema, "changes")), (slot.store.id, COLL)).fetchall()
-            last = conn.execute(sql.SQL("SELECT last_seq FROM {} WHERE store_id = %s").format(
-                sql.Identifier(self.schema, "stores")), (slot.store.id,)).fetchone()
+                    assert got[name] is None
+                    continue
+                assert isinstance(got[name], bytes)
+                if against_local:  # ciphertext only, exactly the stored bytes
+                    assert got[name] == local[pid][name], (slot.name, pid, name)
+                if expected[name] is not ls.FORGOTTEN and len(expected[name]) >= 6:
+                    assert expected[name].encode() not in got[name]
+        newest = conn.execute(sql.SQL(
+            "SELECT DISTINCT ON (key) key, op, payload FROM {} WHERE store_id = %s AND collection = %s "
+            "ORDER BY key, seq DESC").format(sql.Identifier(self.schema, "changes")), (slot.store.id, COLL)).fetchall()
+        last = conn.execute(sql.SQL("SELECT last_seq FROM {} WHERE store_id = %s").format(
+            sql.Identifier(self.schema, "stores")), (slot.store.id,)).fetchone()
         assert last is not None and last[0] == slot.central_seq
         coll = slot.coll
+        # After a restore, Postgres still holds the records from before it: only live keys are compared.
         decoded = {key: coll.decode_payload(bytes(payload)) for key, op, payload in newest if op == "put"}
-        # A restored store's Postgres change log keeps records from before the restore, so only live keys count.
         for pid, expected in slot.central.items():
             assert decoded[pid] == expected, (slot.name, pid, decoded[pid], expected)
+            assert (decoded[pid]["email"] is ls.FORGOTTEN) == (expected["email"] is ls.FORGOTTEN)
 
     # -- crashes ----------------------------------------------------------------------------
 
@@ -468,6 +485,13 @@ class SyncMachine(RuleBasedStateMachine):
                 assert all(newest.get(pid) == "put" for pid in slot.rows)
             slot.last_seq = last
             assert slot.central_seq <= log.watermark() <= last
+
+    @invariant()
+    def central_matches_model(self) -> None:
+        """Between syncs Postgres keeps what the last sync shipped, readable by the key holder after any step."""
+        for slot in self.slots:
+            if slot.store is not None and slot.central is not None:
+                self.check_central(slot, against_local=False)
 
     @invariant()
     def verify_ok(self) -> None:
