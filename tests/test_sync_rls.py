@@ -8,6 +8,7 @@ attempt must fail or touch nothing, while A's own sync, restore and pull keep wo
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -400,6 +401,15 @@ def test_cli_setup_grant_and_bad_input(tmp_path: Path, pg_server: PgServer, pg_s
         s.close()
         r = _cli("sync", "once", str(tmp_path / "ws"), "--url", tenant_url, "--schema", pg_schema, env=env)
         assert r.returncode == 0, r.stderr
+        assert PASSWORD_A not in r.stdout + r.stderr
+        r = _cli("sync", "status", str(tmp_path / "ws"), "--url", tenant_url, "--schema", pg_schema, "--json", env=env)
+        assert r.returncode == 0, r.stderr
+        status = json.loads(r.stdout)
+        assert status["postgres_error"] is None and status["stores"][0]["central_seq"] == 1
+        assert PASSWORD_A not in r.stdout + r.stderr
+        # The kit views are the admin's to create; a tenant is told so.
+        r = _cli("sync", "views", "--url", tenant_url, "--schema", pg_schema, "--views-schema", f"v_{tag}", env=env)
+        assert r.returncode == 1 and "the admin creates" in r.stderr
         assert PASSWORD_A not in r.stdout + r.stderr
         r = _cli("sync", "tenancy", "list", "--admin-url", pg_server.admin_url, "--schema", pg_schema, env=env)
         assert r.returncode == 0 and role in r.stdout
