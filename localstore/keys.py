@@ -232,6 +232,8 @@ class KeyRing:
         db = self.store._db
         if not table_exists(db, "_ls_keys"):
             return
+        # The generation first: a rotation committed after this read is noticed by refresh().
+        generation = db.execute("SELECT value FROM _ls_meta WHERE key = 'keys_generation'").fetchone()
         row = db.execute("SELECT id, wrapped FROM _ls_keys WHERE kind='root' ORDER BY id LIMIT 1").fetchone()
         if row is None:
             return
@@ -243,6 +245,7 @@ class KeyRing:
                 "or a key for another store); nothing was read. Pass the key the store was created with"
             ) from None
         self._root = (int(row[0]), secret)
+        self._generation = generation[0] if generation else 0
 
     def _context(self, key_id: int) -> bytes:
         return f"ls-key1\x00{self.store.id}\x00{key_id}".encode()
@@ -308,6 +311,10 @@ class KeyRing:
                 self._ciphers.pop(kid, None)
                 self._secrets.pop(kid, None)
             self._current = None
+            if self._root is not None and self._root[0] not in self._created:
+                # Unwrapped again before the next new key: if another connection rotated the master
+                # key, that fails (WrongKeyError) instead of wrapping a new key under the old one.
+                self._root = None
         self._generation = generation
 
     def _bump_generation(self) -> None:
@@ -351,7 +358,10 @@ class KeyRing:
             try:
                 self._root = (int(row[0]), crypto.unwrap(kek, row[1], self._context(int(row[0]))))
             except crypto.DecryptFailed:
-                raise WrongKeyError(f"store {self.store.path}: the master key does not unlock this store's keys") from None
+                raise WrongKeyError(
+                    f"store {self.store.path}: the master key does not unlock this store's keys (another connection "
+                    "may have rotated it: reopen the store with the new key)"
+                ) from None
         elif create:
             self._root = self._insert("root", None)
         return None if self._root is None else self._root[1]

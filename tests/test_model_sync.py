@@ -31,13 +31,20 @@ import pytest
 from _sync_workers import local_rows
 from conftest import MASTER_KEY
 from hypothesis import HealthCheck, settings
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
-from localstore.keys import table_exists
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 from localstore.sync import SyncEngine, restore, state_table_name
 from pg_fixture import PgServer
 from psycopg import sql
 
 import localstore as ls
+from localstore.keys import table_exists
 
 #: Examples and steps per example; raise them for a longer run.
 EXAMPLES = int(os.environ.get("LOCALSTORE_MODEL_EXAMPLES", "25"))
@@ -97,6 +104,9 @@ class Slot:
     central_seq: int = 0
     #: Keys ever shipped for this store (each has a current-state row, live or a tombstone).
     shipped_keys: set[str] = field(default_factory=set)
+    #: A second handle on the same file (another process, say), and the master key it was opened with.
+    other: ls.Store | None = None
+    other_key: str = field(default="", repr=False)
     first_seq: int = 1  # the change log holds first_seq .. last_seq (after a restore it starts past Postgres)
     last_seq: int = 0
 
@@ -135,7 +145,7 @@ def crash_writer(path: str, key: str, batches: list[list[dict[str, Any]]], ack_f
         os.write(ack_fd, b"done\n")
         while True:  # wait to be killed, holding the store open
             time.sleep(1)
-    except BaseException as exc:  # report, never unwind into the parent's pytest
+    except BaseException as exc:  # noqa: BLE001 - report it; never unwind into the parent's pytest
         os.write(ack_fd, f"error {type(exc).__name__}: {exc}\n".encode("utf-8", "replace"))
         code = 1
     finally:
@@ -179,6 +189,7 @@ class SyncMachine(RuleBasedStateMachine):
         if self.conn is not None:
             self.conn.close()
         for slot in self.slots:
+            self.close_other(slot)
             if slot.store is not None:
                 slot.store.close()
         try:
@@ -203,6 +214,12 @@ class SyncMachine(RuleBasedStateMachine):
         if self.conn is None or self.conn.closed:
             self.conn = psycopg.connect(self.url, autocommit=True)
         return self.conn
+
+    def close_other(self, slot: Slot) -> None:
+        """Close the slot's second handle, if open."""
+        if slot.other is not None:
+            slot.other.close()
+            slot.other = None
 
     def release_files(self) -> None:
         """Close the engine's own connections to the store files (before a fork, or before a file goes away)."""
@@ -257,6 +274,35 @@ class SyncMachine(RuleBasedStateMachine):
         assert slot.coll.put_many(batch) == len(batch)
         for row in batch:
             slot.rows[row["pid"]] = dict(row)
+
+    @rule(i=st.integers(0, 2), row=rows())
+    def put_through_second_handle(self, i: int, row: dict[str, Any]) -> None:
+        """Write through a second handle on the file, opened earlier with the key of that time.
+
+        If the master key was rotated since, a value that needs a key is refused
+        (a new key must never be wrapped under the old master key: it would be
+        unreadable with the new one); a row of plain values only is written.
+        """
+        RAN["put_through_second_handle"] += 1
+        slot = self.slots[i % len(self.slots)]
+        if slot.other is None:
+            if not self.has_keys(slot):
+                return  # with no key yet, any master key "opens" the store: nothing to be stale about
+            slot.other = ls.open(self.path(slot), key=slot.key, create=False)
+            slot.other_key = slot.key
+        coll = slot.other.collection(COLL)
+        stale = slot.other_key != slot.key
+        if stale and (row["secret"] is not None or row["email"] is not None):
+            with pytest.raises((ls.WrongKeyError, ls.MissingKeyError)):
+                coll.put(row)
+            return
+        coll.put(row)
+        slot.rows[row["pid"]] = dict(row)
+
+    def has_keys(self, slot: Slot) -> bool:
+        """Whether the store has a key table yet (made with its first encrypted value)."""
+        assert slot.store is not None
+        return bool(slot.store._run(lambda db: table_exists(db, "_ls_keys"), "test read"))
 
     # -- sync -------------------------------------------------------------------------------
 
@@ -338,6 +384,7 @@ class SyncMachine(RuleBasedStateMachine):
         assert slot.store is not None
         slot.store.close()  # no connection to the file may cross the fork (SQLite's rule)
         slot.store = None
+        self.close_other(slot)
         self.release_files()
         read_fd, write_fd = os.pipe()
         pid = os.fork()
@@ -380,9 +427,10 @@ class SyncMachine(RuleBasedStateMachine):
         RAN["reopen"] += 1
         slot = self.slots[i % len(self.slots)]
         assert slot.store is not None
-        has_keys = slot.store._run(lambda db: table_exists(db, "_ls_keys"), "test read")
+        has_keys = self.has_keys(slot)
         slot.store.close()
         slot.store = None
+        self.close_other(slot)
         if slot.key != MASTER_KEY and has_keys:
             with pytest.raises(ls.WrongKeyError):
                 ls.open(self.path(slot), key=MASTER_KEY, create=False)
@@ -433,6 +481,7 @@ class SyncMachine(RuleBasedStateMachine):
         store_id = slot.store.id
         slot.store.close()
         slot.store = None
+        self.close_other(slot)
         self.release_files()
         for suffix in ("", "-wal", "-shm"):
             with_suffix = self.path(slot) + suffix
@@ -539,3 +588,34 @@ def test_payload_of_central_record_is_msgpack(machine: type[SyncMachine]) -> Non
         assert set(values) == set(ORDER) and isinstance(values["email"], bytes)
     finally:
         m.teardown()
+
+
+def test_handle_left_on_the_old_master_key_cannot_wrap_new_keys(tmp_path: Path, master_key: str) -> None:
+    """Regression (found by the model): a second handle opened before ``rotate_key`` wrapped new keys under the old key.
+
+    Handle B, opened with the old master key, wrote a value for a new subject after
+    handle A rotated the key: B made the subject's key, wrapped it under the old
+    master key and committed, so the value was unreadable with the new key (and the
+    store no longer opened with the old one). Now B's write is refused with
+    ``WrongKeyError`` and nothing is written; B's reads say to reopen with the new key.
+    """
+    path = tmp_path / "s.db"
+    new_key = ls.generate_key()
+    with ls.open(path, key=master_key) as a:
+        declare(a).put({"pid": "a", "subj": "ada", "name": None, "n": 1, "secret": "s", "email": "e"})
+        b = ls.open(path, key=master_key)  # opened once the keys exist: it unwrapped the root key at open
+        rotated = a.rotate_key(new_key)
+        assert rotated == 3  # root, data and ada's key
+        stale = b.collection(COLL)
+        for row in ({"pid": "b", "subj": "bob", "name": None, "n": 2, "secret": None, "email": "new subject"},
+                    {"pid": "c", "subj": "ada", "name": None, "n": 3, "secret": "data key", "email": None}):
+            with pytest.raises(ls.WrongKeyError, match="reopen the store with the new key"):
+                stale.put(row)
+        stale.put({"pid": "d", "subj": "cy", "name": "plain only", "n": 4, "secret": None, "email": None})
+        b.close()
+    with ls.open(path, key=new_key) as store:
+        coll = store.collection(COLL)
+        assert coll.get("b") is None and coll.get("c") is None
+        assert coll.get("a") == {"pid": "a", "subj": "ada", "name": None, "n": 1, "secret": "s", "email": "e"}
+        assert coll.get("d") is not None
+        assert store.verify().ok
