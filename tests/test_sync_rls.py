@@ -317,11 +317,22 @@ def test_each_tenant_still_syncs_restores_and_pulls_its_own(tmp_path: Path, tena
     facts = {r["fid"]: r["text"] for r in a2.collection("facts").find()}
     assert facts["f1"] == "fact 1 from a"  # pulled from A's own store
     assert not any("from b" in v for v in facts.values())  # B's facts are not visible to A's pull
-    # More writes, a new collection (a new state table through the definer function), a new field.
+    # Setup is idempotent: run again over existing state tables (as after an upgrade), nothing breaks.
+    again = tenancy.setup(t.admin_url, t.schema, owner=t.owner)
+    assert {"c_kernels", "c_facts", "stores", "changes"} <= set(again.tables)
+    # More writes, and a new collection: a new state table through the definer function.
     store_a.collection("later", key="k", fields={"k": ls.Integer(), "v": ls.Json()}).put({"k": 1, "v": [1]})
     store_a.collection("facts").put({"fid": "f99", "text": "late"})
     assert _sync(ws_a, t.url_a, t.schema) > 0
     assert_converged(t.url_a, t.schema, store_a)
+    # B declares the same collection with one more field: the definer function extends the shared table.
+    store_b.collection("later", key="k", fields={"k": ls.Integer(), "v": ls.Json(), "extra": ls.Text()}).put(
+        {"k": 1, "v": [2], "extra": "b only"})
+    assert _sync(ws_b, t.url_b, t.schema) > 0
+    assert_converged(t.url_b, t.schema, store_b)
+    with psycopg.connect(t.url_a) as conn:  # A sees the new column, but not B's row in it
+        assert conn.execute(sql.SQL("SELECT count(*), count(extra) FROM {}").format(
+            sql.Identifier(t.schema, "c_later"))).fetchone() == (1, 0)
     # Restore as the tenant: its own store comes back; B's store is unknown to it.
     back = restore(t.url_a, store_a.name, tmp_path / "restored-a.db", schema=t.schema)
     try:
