@@ -15,11 +15,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgpack
+import numpy as np
 
 from ._sqlite import boundary, quote, scalar
 from .derived import DerivedIndexes
 from .errors import ValidationError
-from .fields import Field, Integer, Real, Text
+from .fields import Field, Integer, Real, Text, Vector
 from .query import check_limit, compile_fields, compile_order, compile_where
 from .schema import CollectionSchema
 
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
 OP_PUT = 1
 OP_DELETE = 2
 OP_NAMES = {OP_PUT: "put", OP_DELETE: "delete"}
+
+#: Below this, SQLite numbers new rows max(rowid) + 1; at 2**63 - 1 it would pick random rowids.
+_SEQUENTIAL_ROWIDS = 2**62
 
 
 @functools.lru_cache(maxsize=256)
@@ -157,7 +161,9 @@ class Collection:
             "    if type(row) is not dict: row = as_dict(row)",
             "    if not field_set.issuperset(row): bad_row(row)",
         ]
-        env: dict[str, Any] = {"field_set": self._field_set, "bad_row": self._bad_row, "as_dict": self._as_dict}
+        env: dict[str, Any] = {"field_set": self._field_set, "bad_row": self._bad_row, "as_dict": self._as_dict,
+                               "ndarray": np.ndarray, "f32": np.dtype("<f4")}
+        self._fast_vectors: list[tuple[int, str, Vector]] = []
         # A value passing its fast test is stored as is; anything else goes through encode().
         fast = {Text: "type({v}) is not str", Real: "(type({v}) is not float or {v} != {v})", Integer: "(type({v}) is not int or not -9223372036854775808 <= {v} <= 9223372036854775807)"}
         names = []
@@ -174,7 +180,19 @@ class Collection:
             env[f"f{i}"], env[f"d{i}"] = field, default
             lines.append(f"    {v} = row.get({name!r}, d{i})")
             test = fast[type(field)].format(v=v) if type(field) in fast else ""
-            if name == self.key or not nullable:
+            if type(field) is Vector and field.metric != "fisher_rao":
+                # A float32 array of the right shape is stored as its bytes; its values are
+                # checked finite for the whole batch at once (see _check_vectors).
+                env[f"s{i}"] = (field.dim,)
+                bytes_or_encode = (f"{v}.tobytes() if type({v}) is ndarray and {v}.dtype == f32 and {v}.shape == s{i} "
+                                   f"else f{i}.encode({v})")
+                if not nullable:
+                    lines.append(f"    if {v} is None: missing({name!r})")
+                    lines.append(f"    {v} = {bytes_or_encode}")
+                else:
+                    lines.append(f"    if {v} is not None: {v} = {bytes_or_encode}")
+                self._fast_vectors.append((i, name, field))
+            elif name == self.key or not nullable:
                 lines.append(f"    if {v} is None: missing({name!r})")
                 lines.append(f"    {'if ' + test + ': ' if test else ''}{v} = f{i}.encode({v})")
             else:
@@ -279,6 +297,8 @@ class Collection:
                     # Another connection added fields; the schema was reloaded, so encode again.
                     if attempt:
                         raise ValidationError(f"{self.name}: the collection's schema keeps changing; retry") from None
+            if self._fast_vectors:
+                self._check_vectors(rows, bindings)
             with boundary(store.path, f"writing to {self.name!r}"):
                 derived = not self._derived.empty
                 # Rows that get a rowid above the current maximum are new: nothing to replace
@@ -290,13 +310,14 @@ class Collection:
                     self._raise_bad_text(bindings)
                     raise
                 if derived:
-                    rowids = self._rowids_of(bindings)
+                    rowids = self._rowids_of(bindings, old_max)
                     self._derived.write(store._db, rowids, bindings, old_max)
                     fpos = self._filter_positions
                     for name, pos in self._vector_positions.items():
-                        store._vectors.note(
-                            self.name, name, [(r, b[pos], tuple(b[p] for p in fpos)) for r, b in zip(rowids, bindings)]
-                        )
+                        if (self.name, name) in store._vectors.caches:  # else note() drops the list unread
+                            store._vectors.note(
+                                self.name, name, [(r, b[pos], tuple(b[p] for p in fpos)) for r, b in zip(rowids, bindings)]
+                            )
 
     def update(self, key: Any, changes: Mapping[str, Any]) -> Any:
         """Change only the named fields of the row with this key; return the key.
@@ -318,10 +339,26 @@ class Collection:
 
         return update_rows(self, as_items(changes))
 
-    def _rowids_of(self, bindings: list[tuple[Any, ...]]) -> list[int]:
-        """The rowids of rows just written, in the order of ``bindings``."""
+    def _check_vectors(self, rows: Sequence[Any], bindings: list[tuple[Any, ...]]) -> None:
+        """Check that the vectors the encoder took as bytes are finite: one numpy pass per field and batch."""
+        for pos, name, field in self._fast_vectors:
+            stored = [b[pos] for b in bindings if b[pos] is not None]
+            if stored and not np.isfinite(np.frombuffer(b"".join(stored), dtype="<f4")).all():
+                for row in rows:  # find the row to blame; encode() raises the usual error for it
+                    value = row.get(name) if isinstance(row, Mapping) else None
+                    if value is not None:
+                        field.encode(value)
+
+    def _rowids_of(self, bindings: list[tuple[Any, ...]], old_max: int) -> list[int]:
+        """The rowids of rows just written, in the order of ``bindings``; ``old_max`` is the max rowid before."""
         if isinstance(self._fields[self.key], Integer):
             return [int(b[0]) for b in bindings]  # an Integer key is the rowid itself
+        # SQLite gives a new row the largest rowid + 1, so if the batch added exactly as many
+        # rowids as it has rows, every row was an insert, numbered in binding order. Else
+        # (keys replaced, or one key twice) look the rowids up.
+        new_max = scalar(self.store._db, f"SELECT max(rowid) FROM {self._schema.table}") or 0
+        if new_max - old_max == len(bindings) and new_max < _SEQUENTIAL_ROWIDS:
+            return list(range(old_max + 1, new_max + 1))
         import json
 
         found = dict(self.store._db.execute(self._sql_rowids, (json.dumps([b[0] for b in bindings]),)))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -80,6 +81,16 @@ def _sentinel(field: Field) -> Any:
     return _SENTINEL_INT
 
 
+def _sentinel_sql(sentinel: Any) -> str:
+    """A sentinel as a SQL expression (the text one holds a NUL, which a SQL literal cannot)."""
+    if sentinel == _SENTINEL_TEXT:
+        return "(char(0) || '" + _SENTINEL_TEXT[1:] + "')"
+    if sentinel == -math.inf:
+        return "-9e999"
+    assert sentinel == _SENTINEL_INT
+    return str(_SENTINEL_INT)
+
+
 def fisher_rao_root(vector: np.ndarray) -> np.ndarray:
     """sqrt(p) of a probability vector: the point whose cosine geometry gives Fisher-Rao order."""
     return np.asarray(np.sqrt(np.maximum(vector, 0.0, dtype=np.float32), dtype=np.float32))
@@ -116,8 +127,10 @@ class VectorIndex(VirtualIndex):
         quant = field.quantize
         self.value_sql = {None: "?", "int8": "vec_quantize_int8(?, 'unit')"}[quant]
         cols = ", ".join(["rowid", "embedding", *(_meta(n) for n in self.filters)])
-        marks = ", ".join(["?", self.value_sql, *("?" for _ in self.filters)])
+        # None becomes the sentinel inside SQLite, so a batch needs no per-value work in Python.
+        marks = ", ".join(["?", self.value_sql, *(f"coalesce(?, {_sentinel_sql(s)})" for s in self.sentinels)])
         self.sql_insert = f"INSERT INTO {self.table}({cols}) VALUES({marks})"
+        self._pick = operator.itemgetter(self.vector_pos, *self.filter_pos)
         self.sql_delete = f"DELETE FROM {self.table} WHERE rowid = ?"
 
     # -- DDL --------------------------------------------------------------------------------
@@ -141,38 +154,36 @@ class VectorIndex(VirtualIndex):
         count = 0
         batch: list[tuple[Any, ...]] = []
         for row in rows:
-            batch.append(self._binding(row[0], row[1], row[2:]))
+            batch.append(row)
             if len(batch) >= 10_000:
-                db.executemany(self.sql_insert, batch)
+                db.executemany(self.sql_insert, self._entries(batch))
                 count += len(batch)
                 batch = []
         if batch:
-            db.executemany(self.sql_insert, batch)
+            db.executemany(self.sql_insert, self._entries(batch))
             count += len(batch)
         return count
 
     # -- writes ------------------------------------------------------------------------------
 
-    def _binding(self, rowid: int, stored: bytes, filters: Any) -> tuple[Any, ...]:
-        vector = stored
-        if self.field.metric == "fisher_rao":
-            vector = fisher_rao_root(np.frombuffer(stored, dtype="<f4")).tobytes()
-        return (
-            rowid,
-            vector,
-            *(s if v is None else v for v, s in zip(filters, self.sentinels)),
-        )
+    def _entries(self, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """Insert bindings from (rowid, stored vector, filter values...) rows that have a vector."""
+        if self.field.metric != "fisher_rao" or not rows:
+            return rows
+        # Fisher-Rao is indexed by sqrt(p): one numpy pass over the whole batch.
+        dim = self.field.dim * 4
+        roots = fisher_rao_root(np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4")).tobytes()
+        return [(r[0], roots[i * dim:(i + 1) * dim], *r[2:]) for i, r in enumerate(rows)]
 
     def insert(self, db: apsw.Connection, rowids: list[int], bindings: list[tuple[Any, ...]]) -> None:
         """Add index entries for rows just written (``bindings`` are the encoded rows); old ones are gone."""
-        pos, fpos = self.vector_pos, self.filter_pos
-        inserts = [
-            self._binding(rowid, b[pos], [b[p] for p in fpos])
-            for rowid, b in zip(rowids, bindings)
-            if b[pos] is not None
-        ]
-        if inserts:
-            db.executemany(self.sql_insert, inserts)
+        pick, pos = self._pick, self.vector_pos
+        if self.filter_pos:
+            rows = [(rowid, *pick(b)) for rowid, b in zip(rowids, bindings) if b[pos] is not None]
+        else:
+            rows = [(rowid, b[pos]) for rowid, b in zip(rowids, bindings) if b[pos] is not None]
+        if rows:
+            db.executemany(self.sql_insert, self._entries(rows))
 
     def update_filters(self, db: apsw.Connection, names: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
         """Set the filter (metadata) columns ``names`` of existing entries in place: rows are (values..., rowid).

@@ -607,6 +607,10 @@ BAD_VECTORS = [
     pytest.param([], "dimension", id="empty"),
     pytest.param([float("nan"), 0.0, 0.0, 0.0], "finite", id="nan"),
     pytest.param(np.array([0.0, np.inf, 0.0, 0.0]), "finite", id="inf"),
+    # float32 arrays of the right shape take the encoder's fast path, checked per batch.
+    pytest.param(np.array([0.0, np.nan, 0.0, 0.0], dtype="<f4"), "finite", id="float32-nan"),
+    pytest.param(np.array([0.0, 0.0, 0.0, -np.inf], dtype="<f4"), "finite", id="float32-minus-inf"),
+    pytest.param(np.array([0.0, np.inf, 0.0, 0.0], dtype=">f4"), "finite", id="big-endian-inf"),
     pytest.param([0.0, 0.0, -np.inf, 0.0], "finite", id="minus-inf"),
     pytest.param([1e39, 0.0, 0.0, 0.0], "finite", id="float32-overflow"),
     pytest.param(np.array([1e300, 1.0, 1.0, 1.0]), "finite", id="float64-beyond-float32"),
