@@ -175,49 +175,47 @@ class ChangeLog:
             (after, limit),
         ).fetchall()
         # Records still by reference (payload NULL) are the key's latest write: the row as
-        # currently stored is their payload. Read its columns and pack them here, in one
-        # msgpack call per row, rather than through a SQL function per row (several times slower).
-        by_ref: set[int] = set()
-        for _seq, _hlc, coll, _key, op, payload, _n in records:
-            if op == OP_PUT and payload is None:
-                by_ref.add(coll)
-        current: dict[int, tuple[Any, ...]] = {}  # seq -> (row's _ls_seq, stored values...)
-        if by_ref:
-            first, last = records[0][0], records[-1][0]
-            for coll in by_ref:
-                collection = self.store.collection(names[coll])
-                cols = ", ".join(f"t.{_q(n)}" for n in collection._order)
-                # A join on the key index: the rows the records refer to, in one pass.
-                sql = (
-                    f"SELECT ch.seq, t._ls_seq, {cols} FROM _ls_changes ch JOIN {collection._schema.table} t "
-                    f"ON t.{_q(collection.key)} = ch.key WHERE ch.seq BETWEEN ? AND ? AND ch.coll = ? "
-                    f"AND ch.op = {OP_PUT} AND ch.payload IS NULL"
-                )
-                for row in db.execute(sql, (first, last, coll)):
-                    current[row[0]] = row[1:]
+        # currently stored is their payload. Their rows are read by one join on the key index
+        # per collection, in seq order, and packed here in one msgpack call per row (a SQL
+        # function per row is several times slower).
+        by_ref = {coll for _seq, _hlc, coll, _key, op, payload, _n in records if payload is None and op == OP_PUT}
+        rows_of: dict[int, Iterator[tuple[Any, ...]]] = {}
+        orders: dict[int, tuple[str, ...]] = {}
+        for coll in by_ref:
+            collection = self.store.collection(names[coll])
+            orders[coll] = collection._order
+            cols = ", ".join(f"t.{_q(n)}" for n in collection._order)
+            sql = (
+                f"SELECT t._ls_seq, {cols} FROM _ls_changes ch JOIN {collection._schema.table} t "
+                f"ON t.{_q(collection.key)} = ch.key WHERE ch.seq BETWEEN ? AND ? AND ch.coll = ? "
+                f"AND ch.op = {OP_PUT} AND ch.payload IS NULL ORDER BY ch.seq"
+            )
+            rows_of[coll] = iter(db.execute(sql, (records[0][0], records[-1][0], coll)).fetchall())
         pack = msgpack.Packer(use_bin_type=True).pack
-        orders = {coll: self.store.collection(names[coll])._order for coll in by_ref}
         out: list[StoredChange] = []
         total = 0
         for seq, hlc, coll, key, op, payload, size in records:
             values = None
-            if op == OP_PUT and payload is None:
-                found = current.get(seq)
-                if found is None or found[0] != seq:
-                    raise ChangeLogError(
-                        f"store {self.store.path}: change {seq} ({names.get(coll)!r}, key {key!r}) refers to a row "
-                        "that no longer holds it; the file was changed outside localstore. Run store.verify()"
-                    )
-                values = found[1:]
-                payload = pack(dict(zip(orders[coll], values)))
-                size = len(payload)
+            if payload is None:
+                if op == OP_PUT:
+                    # The join yields the rows in the records' order: each must carry its record's seq.
+                    row = next(rows_of[coll], None)
+                    if row is None or row[0] != seq:
+                        raise ChangeLogError(
+                            f"store {self.store.path}: change {seq} ({names.get(coll)!r}, key {key!r}) refers to a "
+                            "row that no longer holds it; the file was changed outside localstore. Run store.verify()"
+                        )
+                    values = row[1:]
+                    payload = pack(dict(zip(orders[coll], values)))
+                    size = len(payload)
+                else:
+                    size = 0
             elif op != OP_PUT:
                 payload = None
-            size = size or 0
             if out and total + size > max_bytes:
                 break
             total += size
-            out.append(StoredChange(seq, hlc, names.get(coll, f"#{coll}"), key, OP_NAMES.get(op, str(op)),
+            out.append(StoredChange(seq, hlc, names.get(coll) or f"#{coll}", key, OP_NAMES.get(op) or str(op),
                                     payload, values, size))
         return out
 

@@ -443,3 +443,32 @@ def test_a_key_holding_nul_is_shipped(store: ls.Store, pg_url: str, pg_schema: s
             sql.Identifier(pg_schema, "c_notes"))).fetchall()]
     assert keys == ["odd\ufffdkey", "plain"]
     assert_converged(pg_url, pg_schema, store)
+
+
+def test_the_reader_refuses_a_row_changed_outside_localstore(tmp_path: Path) -> None:
+    import apsw
+    from localstore.errors import ChangeLogError
+
+    s = ls.open(tmp_path / "a.db")
+    notes = s.collection("notes", key="nid", fields={"nid": ls.Text(), "text": ls.Text()})
+    notes.put_many([{"nid": f"n{i}", "text": "x"} for i in range(5)])
+    good = s.changelog.stored_changes(0)
+    assert [c.values for c in good] == [(f"n{i}", "x") for i in range(5)]
+    assert [c.packed for c in good] == [ls_pack(c.values) for c in good]
+    s.close()
+    raw = apsw.Connection(str(tmp_path / "a.db"))  # no localstore triggers: the change record is left as it was
+    raw.execute("UPDATE notes SET _ls_seq = 99 WHERE nid = 'n2'")
+    raw.close()
+    s = ls.open(tmp_path / "a.db")
+    with pytest.raises(ChangeLogError, match="change 3 .* no longer holds it"):
+        s.changelog.stored_changes(0)
+    assert [c.seq for c in s.changelog.stored_changes(0, limit=2)] == [1, 2]  # before it, all is well
+    s.close()
+
+
+def ls_pack(values: tuple[object, ...] | None) -> bytes:
+    """A payload as the store packs it: a msgpack map of the fields, key first."""
+    import msgpack
+
+    assert values is not None
+    return msgpack.packb(dict(zip(("nid", "text"), values)), use_bin_type=True)  # type: ignore[no-any-return]
