@@ -56,7 +56,7 @@ def _sweep(folder: Path, env: dict[str, str], **sentinels: str) -> subprocess.Co
         env["LOCALSTORE_TEST_PG_PASSWORD"] = sentinels["password"]
     env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"  # a bare pytest starts faster; the files need no plugin
     env["TMPDIR"] = str(folder)  # a kept root stays inside this test's folder
-    return subprocess.run([PYTHON, str(SWEEP), "-p", "no:cacheprovider"], cwd=folder, env=env,
+    return subprocess.run([PYTHON, str(SWEEP), "-p", "no:cacheprovider"], cwd=folder, env=env, check=False,
                           capture_output=True, text=True, timeout=300)
 
 
