@@ -303,3 +303,15 @@ def _decoded(value: Any) -> bytes:
     if isinstance(value, list):
         return b"".join(_decoded(v) for v in value)
     return b""
+
+
+def test_the_canary_search_sees_what_it_must() -> None:
+    """The search itself: UTF-8 and UTF-16, at any offset, next to any byte; secrets never match controls."""
+    c = Canaries()
+    secret, plain, other = c.new_secret("s"), c.new_plain("p"), c.new_secret("t")
+    data = b"\x00\xffab" + secret.encode() + b"7" + plain.encode() + b"\x01" + other.encode("utf-16-le")
+    assert c.hits(data, c.secret) == [secret, other]
+    assert c.hits(data, c.plain) == [plain]
+    assert c.hits(plain.encode(), c.secret) == []                  # a control never counts as a leak
+    assert c.hits(secret.encode()[:-1], c.secret) == []            # a truncated canary is not one
+    assert c.hits(b"", c.secret) == [] and c.hits(data, []) == []
