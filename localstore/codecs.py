@@ -173,6 +173,8 @@ class FieldCodec:
         urandom, pack_kid = os.urandom, struct.Struct(">I").pack
         zstd_compress = self.book.plain.compress if comp is not None else None
         minimum = DEFAULT_MIN_VALUE_BYTES
+        # Values large enough to be probed take the slow path, which probes them as encode does.
+        probed = comp.probe_bytes if comp is not None and comp.probe_bytes is not None else float("inf")
 
         def encode(value: Any, key: Any, row: dict[str, Any]) -> bytes:
             tx = store._tx
@@ -182,6 +184,8 @@ class FieldCodec:
             try:
                 data = value.encode("utf-8")
             except UnicodeEncodeError:
+                return slow(value, key, row)
+            if len(data) >= probed:
                 return slow(value, key, row)
             if zstd_compress is not None:
                 if len(data) >= minimum:

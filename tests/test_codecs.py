@@ -407,3 +407,17 @@ def test_threads_decode_dictionary_and_encrypted_values_together(tmp_path: Path)
         for t in threads:
             t.join()
         assert errors == []
+
+
+def test_large_values_of_an_encrypted_compressed_field_round_trip(tmp_path: Path) -> None:
+    """Values of DEFAULT_PROBE_BYTES or more leave the fused encoder for the probing one; both read back."""
+    rng = random.Random(8)
+    noisy = "".join(chr(rng.randrange(0x4E00, 0x9FFF)) for _ in range(8000))  # 24 KB of UTF-8, little to gain
+    plain = english_text(rng, 30_000)
+    assert len(noisy.encode()) >= dictionaries.DEFAULT_PROBE_BYTES <= len(plain.encode())
+    with ls.open(tmp_path / "s.db", key=KEY) as store:
+        coll = store.collection("c", key="id", fields={"id": ls.Integer(), "t": ls.Text(encrypt=True, compress=True)})
+        coll.put_many([{"id": 1, "t": noisy}, {"id": 2, "t": plain}, {"id": 3, "t": "short"}])
+        assert [r["t"] for r in coll.find(order_by="id")] == [noisy, plain, "short"]
+    sizes = _column(tmp_path / "s.db", "SELECT length(t) FROM c ORDER BY id")
+    assert sizes[1] < len(plain.encode()) * 0.7  # still compressed before encryption
