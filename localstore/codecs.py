@@ -427,3 +427,41 @@ def reencrypt(store: Any, batch: int) -> int:
                     coll.put_many(fresh)
                 rewritten += len(fresh)
     return rewritten
+
+
+def rewrite_unchecked(store: Any, batch: int) -> int:
+    """Rewrite every row holding a compressed value in a form without checksums; return the count.
+
+    Unencrypted compressed values written before checksums came in are raw (0x00) or
+    numbers (0x03) without a checksum over their header; they stay readable as they
+    are, and a damaged byte in them can read back changed. Rewriting a row puts it in
+    the checked forms (0x04, 0x05), in batches of ``batch`` rows per transaction, each
+    rewritten row a new change-log record, as ``put_many`` would make.
+    """
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    rewritten = 0
+    for name in store.collections():
+        coll = store.collection(name)
+        targets = [n for n, c in (coll._codec.fields.items() if coll._codec else []) if c.compress and not c.encrypt]
+        if not targets:
+            continue
+        older = " OR ".join(f"substr({quote(n)}, 1, 1) IN (x'00', x'03')" for n in targets)
+        key = quote(coll.key)
+        last: Any = None
+        while True:
+            sql = f"SELECT {key} FROM {coll._schema.table} WHERE ({older})"
+            sql += f" AND {key} > ? ORDER BY {key} LIMIT ?" if last is not None else f" ORDER BY {key} LIMIT ?"
+            params = (last, batch) if last is not None else (batch,)
+            found = store._run(lambda db, sql=sql, params=params: db.execute(sql, params).fetchall(),
+                               f"finding older compressed values in {name!r}")
+            keys = [r[0] for r in found]
+            if not keys:
+                break
+            last = keys[-1]
+            with store.transaction():
+                fresh = [row for row in coll.get_many(keys) if row is not None]
+                fresh = [row for row in fresh if not any(v is FORGOTTEN for v in row.values())]
+                coll.put_many(fresh)
+            rewritten += len(fresh)
+    return rewritten

@@ -421,3 +421,29 @@ def test_large_values_of_an_encrypted_compressed_field_round_trip(tmp_path: Path
         assert [r["t"] for r in coll.find(order_by="id")] == [noisy, plain, "short"]
     sizes = _column(tmp_path / "s.db", "SELECT length(t) FROM c ORDER BY id")
     assert sizes[1] < len(plain.encode()) * 0.7  # still compressed before encryption
+
+
+def test_rewrite_unchecked_moves_older_values_to_the_checked_forms(tmp_path: Path) -> None:
+    from localstore.codecs import rewrite_unchecked
+
+    path = tmp_path / "s.db"
+    arrays = [np.linspace(0, i, 300).astype("<f4") for i in range(5)]
+    with ls.open(path, key=KEY) as store:
+        coll = store.collection("c", key="id", fields={
+            "id": ls.Integer(), "b": ls.Blob(compress=True), "a": ls.Array(compress=True),
+            "s": ls.Text(encrypt=True, compress=True)})
+        coll.put_many([{"id": i, "b": b"new", "a": a, "s": "secret"} for i, a in enumerate(arrays)])
+    conn = apsw.Connection(str(path))
+    for i in (1, 3):
+        conn.execute("UPDATE c SET b = ?, a = ? WHERE id = ?", (b"\x00old", _legacy_numbers(arrays[i]), i))
+    conn.close()
+    with ls.open(path, key=KEY) as store:
+        assert rewrite_unchecked(store, batch=1) == 2
+        assert rewrite_unchecked(store, batch=1) == 0  # nothing older is left
+        coll = store.collection("c")
+        for i, a in enumerate(arrays):
+            row = coll.get(i)
+            assert row is not None and row["b"] == (b"old" if i in (1, 3) else b"new") and row["s"] == "secret"
+            assert np.array_equal(row["a"], a)
+    flags = _column_rows(path, "SELECT substr(b, 1, 1), substr(a, 1, 1) FROM c WHERE id IN (1, 3)")
+    assert flags == [(b"\x04", b"\x05")] * 2
