@@ -515,3 +515,14 @@ def test_definer_state_tables_match_the_engines_own(tmp_path: Path, tenants: Ten
         ws.close()
         with _admin_conn(t) as conn:
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(plain)))
+
+
+def test_the_definer_accepts_every_column_type_the_engine_makes() -> None:
+    """A type the mapping starts to produce must be allowed by the definer function too, or tenants break."""
+    from localstore.sync import mapping
+
+    made = set(mapping.PLAIN_TYPES.values()) | {"bytea", "real[]"}
+    assert made <= set(tenancy.ALLOWED_TYPES)
+    for kind in tenancy.ALLOWED_TYPES:
+        assert f"'{kind}'" in tenancy._FUNCTION_BODY
+    assert set(mapping.HNSW_OPS.values()) <= {"vector_cosine_ops", "vector_l2_ops", "vector_l1_ops"}
