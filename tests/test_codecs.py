@@ -447,3 +447,28 @@ def test_rewrite_unchecked_moves_older_values_to_the_checked_forms(tmp_path: Pat
             assert np.array_equal(row["a"], a)
     flags = _column_rows(path, "SELECT substr(b, 1, 1), substr(a, 1, 1) FROM c WHERE id IN (1, 3)")
     assert flags == [(b"\x04", b"\x05")] * 2
+
+
+def test_damaged_values_names_each_damaged_value(tmp_path: Path) -> None:
+    from localstore.codecs import damaged_values
+
+    path = tmp_path / "s.db"
+    with ls.open(path, key=KEY) as store:
+        coll = store.collection("c", key="id", fields={
+            "id": ls.Integer(), "b": ls.Blob(compress=True), "s": ls.Text(encrypt=True), "p": ls.Text()})
+        coll.put_many([{"id": i, "b": bytes([i]) * 30, "s": f"secret {i}", "p": "plain"} for i in range(20)])
+        assert damaged_values(store) == []
+    conn = apsw.Connection(str(path))
+    for column, key in (("b", 4), ("s", 11)):
+        (stored,) = conn.execute(f"SELECT {column} FROM c WHERE id = ?", (key,)).fetchone()
+        damaged = bytearray(stored)
+        damaged[len(damaged) // 2] ^= 0x20
+        conn.execute(f"UPDATE c SET {column} = ? WHERE id = ?", (bytes(damaged), key))
+    conn.close()
+    with ls.open(path, key=KEY) as store:
+        problems = damaged_values(store)
+    assert len(problems) == 2
+    assert "field 'b', key 4" in problems[0] and "field 's', key 11" in problems[1]
+    with ls.open(path) as store:  # without the master key, encrypted values cannot be checked
+        problems = damaged_values(store)
+    assert len(problems) == 1 and "field 'b', key 4" in problems[0]
