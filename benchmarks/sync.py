@@ -70,7 +70,7 @@ FULL = Sizes(drain_changes=1_000_000, drain_stores=10, drain_repeat=1, lag_store
              lag_seconds=20, idle_seconds=10, pickup_stores=1_000, drain_curve=(10_000, 100_000),
              store_counts=(1, 10, 100, 1_000), store_repeat=3)
 QUICK = Sizes(drain_changes=50_000, drain_stores=10, drain_repeat=1, lag_stores=50, lag_rate=1_000,
-              lag_seconds=3, idle_seconds=2, pickup_stores=50, drain_curve=(5_000,), store_counts=(1, 10, 100))
+              lag_seconds=2, idle_seconds=1.5, pickup_stores=50, drain_curve=(5_000,), store_counts=(1, 10, 100))
 #: ``LOCALSTORE_BENCH_TINY=1`` (smoke tests): every section runs, on sizes too small to mean anything.
 TINY = Sizes(drain_changes=1_000, drain_stores=2, drain_repeat=1, lag_stores=4, lag_rate=100,
              lag_seconds=1, idle_seconds=0.5, pickup_stores=4, drain_curve=(200,), store_counts=(1, 3))
@@ -486,9 +486,12 @@ def run(quick: bool = False) -> Report:
         with psycopg.connect(url) as conn:
             report.params["postgres"] = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
         report.params["loadavg_1min_at_start"] = round(os.getloadavg()[0], 2)
-        bench_drain(report, url, root, sizes)
-        bench_stores(report, url, root, sizes)
-        bench_daemon(report, url, root, sizes)
+        sections: dict[str, float] = {}
+        for name, section in (("drain", bench_drain), ("stores", bench_stores), ("daemon", bench_daemon)):
+            begun = time.perf_counter()
+            section(report, url, root, sizes)
+            sections[name] = round(time.perf_counter() - begun, 1)
+        report.params["section_s"] = sections
     report.notes += [
         ("drain.vs_copy is the drain time over a raw COPY of the same rows, already in memory, into a plain "
          "table without keys: the floor for getting the bytes into Postgres"),
