@@ -6,6 +6,8 @@ redacted, so no raw ``psycopg.OperationalError`` and no password reaches a user.
 
 from __future__ import annotations
 
+import re
+
 from .url import redact_text
 
 
@@ -67,7 +69,10 @@ def wrap(exc: BaseException, url: str, action: str) -> SyncError:
             f"Postgres at {where}: the database does not exist{doing} ({detail}); "
             "create it (createdb NAME) or fix the database name in the URL"
         )
-    if isinstance(exc, psycopg.ProgrammingError) and ("dsn" in lowered or "conninfo" in lowered or "uri" in lowered):
+    # A malformed URL fails in the client, before any server answer, so it has no SQLSTATE;
+    # server refusals such as row-level security ("...security...") must not look like one.
+    if (isinstance(exc, psycopg.ProgrammingError) and getattr(exc, "sqlstate", None) is None
+            and re.search(r"\b(dsn|conninfo|uri|connection info|connection option)\b", lowered)):
         return ConfigError(f"the Postgres URL {where} is malformed ({detail}); "
                            "expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE")
     if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError, OSError, TimeoutError)):

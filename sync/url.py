@@ -88,13 +88,22 @@ def redact_text(text: str, url: str | None = None) -> str:
     if url:
         secret = password_of(url)
         if secret:
-            out = out.replace(secret, REDACTED)
             from urllib.parse import unquote
 
-            plain = unquote(secret)
-            if plain != secret:
-                out = out.replace(plain, REDACTED)
+            for form in {secret, unquote(secret)}:
+                out = _remove(out, form)
     return out
+
+
+#: Passwords shorter than this are removed only where they stand alone, so that a
+#: one-letter password does not blank that letter out of every word of a message.
+SHORT_SECRET = 6
+
+
+def _remove(text: str, secret: str) -> str:
+    if len(secret) >= SHORT_SECRET:
+        return text.replace(secret, REDACTED)
+    return re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", REDACTED, text)
 
 
 def describe(url: str) -> str:
