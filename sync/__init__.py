@@ -21,8 +21,10 @@ from .errors import (
     RestoreError,
     SeqConflictError,
     SyncError,
+    TenancyError,
     UnreachableError,
 )
+from . import tenancy
 from .replicate import pull, restore, subscribe
 from .status import StoreStatus, status
 from .url import redact, resolve_url
@@ -45,6 +47,7 @@ __all__ = [
     "StoreStatus",
     "SyncEngine",
     "SyncError",
+    "TenancyError",
     "UnreachableError",
     "plan",
     "pull",
@@ -54,6 +57,7 @@ __all__ = [
     "state_table_name",
     "status",
     "subscribe",
+    "tenancy",
     "create_kit_views",
     "KIT_TABLES",
     "DEFAULT_VIEWS_SCHEMA",

@@ -47,6 +47,10 @@ class RestoreError(SyncError):
     """A store cannot be restored or pulled: unknown name, ambiguous name, or the target exists."""
 
 
+class TenancyError(SyncError):
+    """Tenancy cannot be set up or granted: the URL is not an admin's, a role is unfit, or setup is missing."""
+
+
 def wrap(exc: BaseException, url: str, action: str) -> SyncError:
     """Turn a psycopg exception into the matching ``SyncError``, naming the server without its password."""
     if isinstance(exc, SyncError):

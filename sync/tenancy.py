@@ -35,7 +35,7 @@ from psycopg.types.json import Jsonb
 
 from . import mapping
 from .central import DEFAULT_SCHEMA, Central
-from .errors import SyncError, wrap
+from .errors import SyncError, TenancyError, wrap
 from .url import redact, resolve_url
 
 log = logging.getLogger("localstore.sync")
@@ -65,9 +65,6 @@ ADMIN_URL_ENV = "LOCALSTORE_POSTGRES_ADMIN_URL"
 TENANT_POLICY = "ls_tenant_rows"
 OWNER_POLICY = "ls_owner_all"
 
-
-class TenancyError(SyncError):
-    """Tenancy cannot be set up or granted: the URL is not an admin's, a role is unfit, or setup is missing."""
 
 
 @dataclass
