@@ -113,6 +113,11 @@ def test_state_dict_round_trip() -> None:
     assert back["opt"] == {"betas": [0.9, 0.99]} and decode_state(encode_state(None)) is None
     with pytest.raises(ls.ValidationError):
         encode_state({"f": object()})
+    with pytest.raises(ls.ValidationError, match="64 bits"):
+        encode_state({"big": 2**70})
+    odd = decode_state(encode_state({"raw": b"\x00\x01", "nan": float("nan"), "t": (1, 2), "k": {1: "one"}}))
+    assert odd is not None and odd["raw"] == b"\x00\x01" and odd["nan"] != odd["nan"]
+    assert odd["t"] == [1, 2] and odd["k"] == {1: "one"}  # tuples come back as lists, as from JSON
     with pytest.raises(ls.ValidationError):
         encode_state({"o": np.array([object()])})
 

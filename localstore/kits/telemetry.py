@@ -421,8 +421,10 @@ class Telemetry:
         }
         state = encode_state(state_dict)
         with self.store.transaction():
-            self._require_session(session_id)
-            previous = self.checkpoints.get(cid, fields=["session_id"])
+            if self.sessions.get(check_session_id(session_id), fields=[]) is None:
+                self._require_session(session_id)  # raises the usual error
+            # A generated id is new; a given one may name a checkpoint saved before.
+            previous = None if checkpoint_id is None else self.checkpoints.get(cid, fields=["session_id"])
             if previous is None:
                 self._put_new_checkpoint(row)
             else:  # saved again under its id: its session's best may move either way
