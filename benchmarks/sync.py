@@ -66,7 +66,7 @@ class Sizes:
     text_bytes: int = 120
 
 
-FULL = Sizes(drain_changes=1_000_000, drain_stores=10, drain_repeat=1, lag_stores=50, lag_rate=1_000,
+FULL = Sizes(drain_changes=1_000_000, drain_stores=10, drain_repeat=3, lag_stores=50, lag_rate=1_000,
              lag_seconds=20, idle_seconds=10, pickup_stores=1_000, drain_curve=(10_000, 100_000),
              store_counts=(1, 10, 100, 1_000), store_repeat=3)
 QUICK = Sizes(drain_changes=50_000, drain_stores=10, drain_repeat=1, lag_stores=50, lag_rate=1_000,
