@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: and the file that records every other master key made in the run.
 ENV_SENTINEL_KEY = "LOCALSTORE_TEST_MASTER_KEY"
 ENV_KEYS_RECORD = "LOCALSTORE_SWEEP_KEYS"
+SWEEP_VARIABLES = (ENV_SENTINEL_KEY, ENV_KEYS_RECORD, "LOCALSTORE_TEST_PG_PASSWORD", "LOCALSTORE_SWEEP_DIR")
 
 
 def _sentinel_key() -> bytes:
@@ -97,8 +98,13 @@ def store(store_path: Path) -> Iterator[ls.Store]:
 
 @pytest.fixture
 def subprocess_env() -> dict[str, str]:
-    """Environment for child Python processes so they import this checkout's localstore."""
-    env = dict(os.environ)
+    """Environment for child Python processes so they import this checkout's localstore.
+
+    The secrets sweep's own variables are left out: children have no use for them, and
+    pytest prints this dict in failure reports (in full with ``-vv``), which would be a
+    hit the product did not cause.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in SWEEP_VARIABLES}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     return env
 
