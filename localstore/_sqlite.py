@@ -175,6 +175,11 @@ def translate(exc: BaseException, store: str, action: str = "") -> LocalStoreErr
         return StoreOpenError(f"cannot open {store}{doing}: {exc}; check that the path and its folder are accessible")
     if isinstance(exc, apsw.FullError):
         return LocalStoreError(f"{store}: the disk is full{doing}; free space and retry (nothing was committed)")
+    if isinstance(exc, apsw.IOError) and getattr(exc, "extendedresult", None) == apsw.SQLITE_IOERR_DATA:
+        return CorruptStoreError(
+            f"{store}: a page fails its checksum{doing} (its bytes changed on disk); restore it from a backup "
+            "(store.backup) or from the central Postgres (localstore restore)"
+        )
     if isinstance(exc, apsw.IOError):
         return LocalStoreError(f"{store}: I/O error{doing} ({exc}); check the disk, then run store.verify()")
     return LocalStoreError(f"{store}: SQLite error{doing}: {exc}")

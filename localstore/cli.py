@@ -191,6 +191,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_optimize(args: argparse.Namespace) -> int:
     with _open(args.path) as store:
         before = store.stats().file_bytes
+        if args.rewrite_unchecked:
+            from .codecs import rewrite_unchecked
+
+            print(f"rewrote {rewrite_unchecked(store, batch=1000)} rows into checksummed value forms")
         done = store.optimize(vacuum=True if args.vacuum else None)
         after = store.stats().file_bytes
     rebuilt = f", rebuilt vector indexes of {', '.join(done['rebuilt_indexes'])}" if done["rebuilt_indexes"] else ""
@@ -267,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("optimize", "Rebuild fragmented vector indexes, refresh statistics, vacuum when worth it.")
     p.add_argument("path", help="the store file")
     p.add_argument("--vacuum", action="store_true", help="always vacuum (by default only when over 20%% is free)")
+    p.add_argument("--rewrite-unchecked", action="store_true",
+                   help="first rewrite rows whose compressed values predate value checksums (logged like puts)")
     p.set_defaults(func=cmd_optimize)
 
     p = add("expire", "Delete rows older than their collection's TTL.")

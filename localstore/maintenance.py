@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import apsw
 
-from . import clock
+from . import checksums, clock
 from . import schema as schema_mod
 from ._sqlite import boundary, create_private_file, quote, retry_busy, scalar, translate
 from .collection import OP_DELETE, OP_PUT
@@ -143,7 +143,16 @@ def verify(store: Store) -> VerifyReport:
 
 
 def _verify_in_snapshot(store: Store, db: apsw.Connection, report: VerifyReport) -> None:
-    report.integrity = [str(r[0]) for r in db.execute("PRAGMA integrity_check")]
+    try:
+        report.integrity = [str(r[0]) for r in db.execute("PRAGMA integrity_check")]
+    except apsw.IOError as exc:
+        if not checksums.is_checksum_error(exc):
+            raise
+        # A checksummed store stops at the first damaged page: that is the finding.
+        report.integrity = [f"a page fails its checksum ({exc})"]
+        report.problems.append("integrity_check: a page fails its checksum (its bytes changed on disk); "
+                               "restore a backup")
+        return
     if report.integrity != ["ok"]:
         report.problems += [f"integrity_check: {line}" for line in report.integrity]
         _name_damaged_trees(db, report)
@@ -206,6 +215,18 @@ def _verify_contents(store: Store, db: apsw.Connection, report: VerifyReport) ->
     orphans = scalar(db, f"SELECT count(*) FROM _ls_changes WHERE coll NOT IN ({','.join(map(str, known)) or 'NULL'})")
     if orphans:
         report.problems.append(f"{orphans} change records name no known collection")
+    from .codecs import damaged_values  # the codec layer sits above this module
+
+    # integrity_check sees pages, not values: a value failing its checksum or AEAD tag is
+    # found only by decoding it.
+    try:
+        report.problems += damaged_values(store)
+    except (CorruptStoreError, apsw.CorruptError, UnicodeDecodeError):
+        raise  # _verify_in_snapshot reports these against integrity_check's findings
+    except LocalStoreError as exc:
+        if report.ok:
+            raise
+        report.problems.append(f"the stored values could not be checked after the problems above ({exc})")
 
 
 def _verify_derived(db: apsw.Connection, sch: schema_mod.CollectionSchema, report: VerifyReport) -> None:

@@ -36,6 +36,7 @@ from ._sqlite import (
     scalar,
     translate,
 )
+from . import checksums as checksums_mod
 from .derived import DerivedIndexes
 from .errors import (
     InvalidNameError,
@@ -95,6 +96,7 @@ class Store:
         keys_from: str | os.PathLike[str] | Store | None = None,
         max_messages_per_key: int | None = None,
         vfs: str | None = None,
+        checksums: bool = False,
     ) -> None:
         self.path = os.fspath(path)
         from .keys import DEFAULT_MAX_MESSAGES, KeyRing, resolve_master
@@ -103,6 +105,16 @@ class Store:
         if durability not in DURABILITY:
             raise StoreOpenError(f"durability must be one of {', '.join(DURABILITY)}, got {durability!r}")
         check_vfs(vfs, self.path)  # before the file is created, so a typo leaves nothing behind
+        # A file that keeps page checksums is always opened through cksumvfs, so no writer
+        # of ours can leave its checksums stale.
+        use_checksums = bool(checksums) or (os.path.isfile(self.path) and checksums_mod.enabled(self.path))
+        if use_checksums:
+            if vfs not in (None, checksums_mod.VFS_NAME):
+                raise StoreOpenError(
+                    f"cannot open {self.path}: page checksums need the {checksums_mod.VFS_NAME!r} VFS, "
+                    f"which cannot be combined with vfs={vfs!r}"
+                )
+            vfs = checksums_mod.register()
         if os.path.isdir(self.path):
             raise StoreOpenError(f"{self.path} is a directory; a store is a single file, e.g. {self.path}/agent.db")
         if not os.path.exists(self.path):
@@ -118,7 +130,7 @@ class Store:
             self.path,
             durability=durability,
             busy_timeout_ms=busy_timeout_ms,
-            check=lambda conn: schema_mod.check_store_file(conn, self.path),
+            check=lambda conn: _check_file(conn, self.path, use_checksums),
             vfs=vfs,
         )
         try:
@@ -517,6 +529,13 @@ def _open_keys_from(source: Any, store: Store, master: bytes | None) -> Store | 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
+def _check_file(conn: apsw.Connection, path: str, checksums: bool) -> None:
+    """Refuse a foreign file untouched; with checksums, reserve or check the page checksum bytes."""
+    schema_mod.check_store_file(conn, path)
+    if checksums:
+        checksums_mod.prepare(conn, path)
+
+
 def _looks_like_sqlite(path: str) -> bool:
     try:
         with builtins.open(path, "rb") as handle:
@@ -537,6 +556,7 @@ def open(
     keys_from: str | os.PathLike[str] | Store | None = None,
     max_messages_per_key: int | None = None,
     vfs: str | None = None,
+    checksums: bool = False,
 ) -> Store:
     """Open one agent's store at ``path``, creating it (mode 0600) if missing.
 
@@ -552,10 +572,15 @@ def open(
     the values encrypted per data key (default 2^30) before a new key is made.
     ``vfs`` opens the file through a registered SQLite VFS (an ``apsw.VFS``
     subclass, e.g. a fault-injecting shim in tests); its backups use it too.
+    ``checksums=True`` creates the store with a checksum on every page (SQLite's
+    cksumvfs): a flipped byte anywhere is then a ``CorruptStoreError``, not a changed
+    value. A file made so is always opened with checksums; convert an existing one
+    with ``localstore.checksums.convert(path)``.
     """
     return Store(
         path, durability=durability, busy_timeout_ms=busy_timeout_ms, create=create, vector_cache=vector_cache,
         key=key, key_file=key_file, keys_from=keys_from, max_messages_per_key=max_messages_per_key, vfs=vfs,
+        checksums=checksums,
     )
 
 

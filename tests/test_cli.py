@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import apsw
 import pytest
 from conftest import PYTHON
 
@@ -121,3 +122,22 @@ def test_console_script_runs(populated: Path, subprocess_env: dict[str, str]) ->
                             env=subprocess_env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "kernels" in result.stdout and "10 rows" in result.stdout
+
+
+def test_optimize_rewrite_unchecked_moves_older_raw_values_to_checked_forms(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "old.db"
+    with ls.open(path) as s:
+        s.collection("c", key="id", fields={"id": ls.Integer(), "b": ls.Blob(compress=True)}).put_many(
+            [{"id": i, "b": b"new"} for i in range(4)])
+    conn = apsw.Connection(str(path))
+    conn.execute("UPDATE c SET b = ? WHERE id IN (1, 2)", (b"\x00old",))  # the raw form written before checksums
+    conn.close()
+    code, out, _ = run(capsys, "optimize", str(path), "--rewrite-unchecked")
+    assert code == 0 and "rewrote 2 rows" in out
+    with ls.open(path) as s:
+        assert [s.collection("c").get(i)["b"] for i in range(4)] == [b"new", b"old", b"old", b"new"]
+        assert s.verify().ok
+    conn = apsw.Connection(str(path))
+    assert {r[0] for r in conn.execute("SELECT substr(b, 1, 1) FROM c")} == {b"\x04"}
+    conn.close()

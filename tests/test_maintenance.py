@@ -283,3 +283,18 @@ def test_stats(store: ls.Store, store_path: Path) -> None:
     assert st.collections["scratch"]["rows"] == 1
     assert st.collections["scratch"]["sync"] is False and st.collections["scratch"]["ttl"] == 60
     assert st.as_dict()["last_seq"] == 11
+
+
+def test_verify_names_a_damaged_compressed_value(tmp_path: Path) -> None:
+    path = tmp_path / "agent.db"
+    with ls.open(path) as s:
+        notes = s.collection("notes", key="k", fields={"k": ls.Text(), "body": ls.Text(compress=True)})
+        notes.put_many([{"k": f"n{i}", "body": f"note {i} " + "lorem ipsum " * 200} for i in range(5)])
+        assert s.verify().ok
+        stored = bytearray(s._db.execute("SELECT body FROM notes WHERE k = 'n3'").fetchone()[0])
+        stored[len(stored) // 2] ^= 0x40
+        s._db.execute("UPDATE notes SET body = ? WHERE k = 'n3'", (bytes(stored),))
+        report = s.verify()
+        assert not report.ok
+        assert any("notes" in p and "body" in p and "n3" in p for p in report.problems), report.problems
+        assert len(report.problems) == 1
