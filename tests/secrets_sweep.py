@@ -89,8 +89,11 @@ class Secrets:
             self.literals[repr(raw)[2:-1].encode()] = f"{label} (bytes repr)"
 
     def add_password(self, password: str, label: str) -> None:
-        data = password.encode()
-        self.literals[data] = label
+        """Search for a password as it is and as a URL would carry it (percent-encoded)."""
+        from urllib.parse import quote
+
+        for form in {password, quote(password, safe=""), quote(password)}:
+            self.literals[form.encode()] = label
 
     @property
     def longest(self) -> int:
