@@ -404,7 +404,10 @@ class Collection:
     def _projection(self, fields: Any) -> _Projection:
         """The read plan of ``fields=[...]`` (validated; cached per tuple of names)."""
         cache_key = tuple(fields) if isinstance(fields, (list, tuple)) else None
-        plan = self._projections.get(cache_key) if cache_key is not None else None
+        try:
+            plan = self._projections.get(cache_key) if cache_key is not None else None
+        except TypeError:  # an unhashable item: compile_fields names it
+            plan = cache_key = None
         if plan is not None:
             return plan
         try:

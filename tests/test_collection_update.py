@@ -321,7 +321,7 @@ def test_projection_returns_key_and_named_fields(store: ls.Store) -> None:
     assert _plain(items.find(fields=list(FIELDS))[0]) == _plain(items.find()[0])
 
 
-@pytest.mark.parametrize("fields", [["nope"], "n", [1], {"n": 1}])
+@pytest.mark.parametrize("fields", [["nope"], "n", [1], {"n": 1}, [["n"]], 5])
 def test_projection_of_unknown_fields_is_refused(store: ls.Store, fields: Any) -> None:
     items = _items(store)
     items.put(_row("a"))
