@@ -447,6 +447,7 @@ def test_a_key_holding_nul_is_shipped(store: ls.Store, pg_url: str, pg_schema: s
 
 def test_the_reader_refuses_a_row_changed_outside_localstore(tmp_path: Path) -> None:
     import apsw
+
     from localstore.errors import ChangeLogError
 
     s = ls.open(tmp_path / "a.db")
