@@ -530,7 +530,15 @@ class KeyRing:
         new = crypto.derive(new_master, "localstore key-encryption key v1", self.store.id.encode())
         db = self.store._db
         if not table_exists(db, "_ls_keys"):
+            # No key yet: make the root key now, under the new master key, so that from this commit
+            # on the store opens only with it (else the old key would still open it, and bind it).
+            # The new key is used only once the transaction commits (commit_rewrap).
             self._kek = new
+            try:
+                self.root(create=True)
+            finally:
+                self._kek = old
+            self._pending_kek = new
             return 0
         rows: list[Any] = db.execute("SELECT id, wrapped FROM _ls_keys WHERE state = 'live'").fetchall()
         db.execute("PRAGMA secure_delete=ON")

@@ -12,6 +12,7 @@ Size: ``LOCALSTORE_MODEL_EXAMPLES`` (default 25) examples of
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import signal
@@ -286,8 +287,6 @@ class SyncMachine(RuleBasedStateMachine):
         RAN["put_through_second_handle"] += 1
         slot = self.slots[i % len(self.slots)]
         if slot.other is None:
-            if not self.has_keys(slot):
-                return  # with no key yet, any master key "opens" the store: nothing to be stale about
             slot.other = ls.open(self.path(slot), key=slot.key, create=False)
             slot.other_key = slot.key
         coll = slot.other.collection(COLL)
@@ -619,3 +618,44 @@ def test_handle_left_on_the_old_master_key_cannot_wrap_new_keys(tmp_path: Path, 
         assert coll.get("a") == {"pid": "a", "subj": "ada", "name": None, "n": 1, "secret": "s", "email": "e"}
         assert coll.get("d") is not None
         assert store.verify().ok
+
+
+def test_rotating_a_store_with_no_key_yet_binds_it_to_the_new_key(tmp_path: Path, master_key: str) -> None:
+    """Regression: ``rotate_key`` on a store with no encrypted value yet left the old master key working.
+
+    It re-wrapped nothing and returned 0, so the old key still opened the store, and the
+    first encrypted value written through it bound the store to the old key: the new
+    one was then refused. Now the rotation makes the root key under the new master key.
+    """
+    path = tmp_path / "s.db"
+    new_key = ls.generate_key()
+    with ls.open(path, key=master_key) as store:
+        declare(store).put({"pid": "a", "subj": "ada", "name": "plain", "n": 1, "secret": None, "email": None})
+        rewrapped = store.rotate_key(new_key)
+        assert rewrapped == 0
+    with pytest.raises(ls.WrongKeyError):
+        ls.open(path, key=master_key)  # it opened, and a write through it bound the store to the old key
+    with ls.open(path, key=new_key) as store:
+        store.collection(COLL).put({"pid": "b", "subj": "ada", "name": None, "n": 2, "secret": "s", "email": "e"})
+    with ls.open(path, key=new_key) as store:
+        assert store.collection(COLL).get("b") == {"pid": "b", "subj": "ada", "name": None, "n": 2,
+                                                    "secret": "s", "email": "e"}
+        assert store.verify().ok
+
+
+def test_a_failed_rotation_of_a_store_with_no_key_yet_keeps_the_old_key(tmp_path: Path, master_key: str) -> None:
+    """Regression: a rotation that did not commit left the handle on the new master key (the store on none).
+
+    The handle's next encrypted write then made the root key under the new key, binding the
+    store to a key whose rotation had failed. Now the new key is used only after the commit.
+    """
+    path = tmp_path / "s.db"
+    with ls.open(path, key=master_key) as store:
+        declare(store)
+        keys = store._keys
+        with pytest.raises(RuntimeError), store.transaction():
+            keys.rewrap(base64.b64decode(ls.generate_key()))  # what rotate_key runs, then a failure before commit
+            raise RuntimeError("the commit never happens")
+        store.collection(COLL).put({"pid": "a", "subj": "ada", "name": None, "n": 1, "secret": "s", "email": None})
+    with ls.open(path, key=master_key) as store:
+        assert store.collection(COLL).get("a")["secret"] == "s"  # type: ignore[index]
