@@ -59,6 +59,13 @@ class ValidationError(LocalStoreError, ValueError):
     """A value does not match its field's declared type, or a row is malformed."""
 
 
+class NotFoundError(LocalStoreError, KeyError):
+    """An operation on existing rows (``Collection.update``) named a key that has no row; ``put`` creates rows."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 class QueryError(LocalStoreError, ValueError):
     """A ``where``, ``order_by`` or other query argument is malformed."""
 

@@ -21,22 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 from ._sqlite import boundary, quote
 from .collection import OP_PUT
-from .errors import LocalStoreError, ValidationError
+from .errors import NotFoundError, ValidationError
 from .keys import FORGOTTEN
 
 if TYPE_CHECKING:
     from .collection import Collection
-
-try:  # the shared error tree holds it once the lead moves it there (see the note in the class docstring)
-    from .errors import NotFoundError  # type: ignore[attr-defined]
-except ImportError:
-
-    class NotFoundError(LocalStoreError, KeyError):  # type: ignore[no-redef]
-        """An operation on existing rows (``update``) named a key that has no row."""
-
-        def __str__(self) -> str:  # KeyError would quote the message
-            return str(self.args[0]) if self.args else ""
-
 
 #: Missing keys named in a NotFoundError message before "and N more".
 _SHOW_MISSING = 5

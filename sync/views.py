@@ -32,7 +32,7 @@ DEFAULT_VIEWS_SCHEMA = "agents"
 #: Every kit table, named as the systems the kits replace named them.
 KIT_TABLES = (
     "kernel_geometry", "memories", "reflections", "tone_shifts",
-    "telemetry_sessions", "telemetry_records", "emergency_events", "checkpoints", "checkpoint_history", "basin_history",
+    "telemetry_sessions", "telemetry_records", "emergency_events", "checkpoints", "checkpoint_states", "checkpoint_history", "basin_history",
     "evolution_rounds", "fitness_metrics", "resource_metrics", "selection_outcomes", "programs",
     "learning_profiles", "learning_sessions", "knowledge_states", "documents", "chunks",
 )
