@@ -65,14 +65,6 @@ def ack_point(seqs: list[int], after: int) -> int:
     return prev
 
 
-def group_by_collection(changes: list[Any]) -> dict[str, list[Any]]:
-    """The changes of a batch by collection, each list in seq order."""
-    out: dict[str, list[Any]] = {}
-    for change in changes:
-        out.setdefault(change.collection, []).append(change)
-    return out
-
-
 def latest_flags(keys: list[Any]) -> list[bool]:
     """For each position of a batch's keys (seq order): whether no later change in the batch has the same key.
 

@@ -132,15 +132,6 @@ class Staging:
     cast: str | None = None
 
 
-#: Staging of the system columns of a current-state table.
-STATE_STAGING = {
-    "_ls_store": Staging("uuid", "uuid"),
-    "_ls_key": Staging("text", "text"),
-    "_ls_seq": Staging("bigint", "int8"),
-    "_ls_hlc": Staging("bigint", "int8"),
-    "_ls_deleted": Staging("boolean", "bool"),
-}
-
 _BINARY = {
     "text": Staging("text", "text"),
     "bigint": Staging("bigint", "int8"),

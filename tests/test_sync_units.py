@@ -12,7 +12,6 @@ from localstore.sync.batching import (
     Debouncer,
     Positions,
     ack_point,
-    group_by_collection,
     latest_flags,
     plan,
 )
@@ -59,11 +58,6 @@ def test_latest_flags_mark_the_last_change_of_each_key() -> None:
     assert latest_flags(["a", "b", "a", "c", "b"]) == [False, False, True, True, True]
     assert latest_flags([1, "1", 1]) == [False, True, True]  # keys compare by value and type
     assert latest_flags([]) == []
-
-
-def test_group_by_collection_keeps_seq_order() -> None:
-    groups = group_by_collection([C(1, "a", "x"), C(2, "a", "y"), C(3, "b", "x")])
-    assert {k: [c.seq for c in v] for k, v in groups.items()} == {"x": [1, 3], "y": [2]}
 
 
 def test_backoff_grows_with_jitter_up_to_the_cap() -> None:
