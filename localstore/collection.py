@@ -431,9 +431,14 @@ class Collection:
     def get(self, key: Any, *, fields: list[str] | tuple[str, ...] | None = None) -> dict[str, Any] | None:
         """The row with this key, or None; ``fields=[...]`` returns only those fields (and the key)."""
         checked = self._check_key(key)
-        select, decode, codec = self._reader(fields)
-        sql = self._sql_get if fields is None else f"{select} WHERE {quote(self.key)} = ?"
-        found = self.store._run(lambda db: db.execute(sql, (checked,)).fetchone(), f"reading {self.name!r}")
+
+        def read(db: Any) -> tuple[Any, Any, Any]:
+            # Planned inside the read: _run first reloads schemas another process changed.
+            select, decode, codec = self._reader(fields)
+            sql = self._sql_get if fields is None else f"{select} WHERE {quote(self.key)} = ?"
+            return db.execute(sql, (checked,)).fetchone(), decode, codec
+
+        found, decode, codec = self.store._run(read, f"reading {self.name!r}")
         if found is not None and codec is not None:
             codec.begin_read()
         return None if found is None else decode(found)
@@ -443,13 +448,17 @@ class Collection:
     ) -> list[dict[str, Any] | None]:
         """The rows with these keys, in the same order; None where a key has no row. ``fields=`` as in ``get``."""
         checked = [self._check_key(k) for k in keys]
-        select, decode, codec = self._reader(fields)
         if not checked:
+            self._reader(fields)  # still validates fields=
             return []
         import json
 
-        sql = f"{select} WHERE {quote(self.key)} IN (SELECT value FROM json_each(?))"
-        rows = self.store._run(lambda db: db.execute(sql, (json.dumps(checked),)).fetchall(), f"reading {self.name!r}")
+        def read(db: Any) -> tuple[Any, Any, Any]:
+            select, decode, codec = self._reader(fields)
+            sql = f"{select} WHERE {quote(self.key)} IN (SELECT value FROM json_each(?))"
+            return db.execute(sql, (json.dumps(checked),)).fetchall(), decode, codec
+
+        rows, decode, codec = self.store._run(read, f"reading {self.name!r}")
         by_key = {row[0]: row for row in rows}
         if rows and codec is not None:
             codec.begin_read()
@@ -476,18 +485,24 @@ class Collection:
         ``fields=[...]`` returns only those fields (the key always comes too); the
         others are neither read into Python nor decrypted nor decompressed.
         """
-        select, decode, codec = self._reader(fields)
-        sql, params = self._select_sql(select, where, order_by, limit, offset)
-        rows = self.store._run(lambda db: db.execute(sql, params).fetchall(), f"querying {self.name!r}")
+        def read(db: Any) -> tuple[Any, Any, Any]:
+            select, decode, codec = self._reader(fields)
+            sql, params = self._select_sql(select, where, order_by, limit, offset)
+            return db.execute(sql, params).fetchall(), decode, codec
+
+        rows, decode, codec = self.store._run(read, f"querying {self.name!r}")
         if rows and codec is not None:
             codec.begin_read()
         return [decode(row) for row in rows]
 
     def keys(self, where: dict[str, Any] | None = None, *, limit: int | None = None) -> list[Any]:
         """The keys of the rows matching ``where``, in storage order (see ``find``)."""
-        select = f"SELECT {quote(self.key)} FROM {self._schema.table}"
-        sql, params = self._select_sql(select, where, None, limit, None)
-        return [r[0] for r in self.store._run(lambda db: db.execute(sql, params).fetchall(), f"querying {self.name!r}")]
+        def read(db: Any) -> list[Any]:
+            select = f"SELECT {quote(self.key)} FROM {self._schema.table}"
+            sql, params = self._select_sql(select, where, None, limit, None)
+            return db.execute(sql, params).fetchall()
+
+        return [r[0] for r in self.store._run(read, f"querying {self.name!r}")]
 
     def _select_sql(
         self, select: str, where: Any, order_by: Any, limit: Any, offset: Any
@@ -540,9 +555,12 @@ class Collection:
 
     def count(self, where: dict[str, Any] | None = None) -> int:
         """The number of rows matching ``where`` (all rows if None)."""
-        condition, params = compile_where(self._schema, where)
-        sql = f"SELECT count(*) FROM {self._schema.table}" + (f" WHERE {condition}" if condition else "")
-        return int(self.store._run(lambda db: scalar(db, sql, params), f"counting {self.name!r}"))
+        def read(db: Any) -> Any:
+            condition, params = compile_where(self._schema, where)
+            sql = f"SELECT count(*) FROM {self._schema.table}" + (f" WHERE {condition}" if condition else "")
+            return scalar(db, sql, params)
+
+        return int(self.store._run(read, f"counting {self.name!r}"))
 
     def __len__(self) -> int:
         return self.count()
