@@ -311,9 +311,11 @@ class KeyRing:
                 self._ciphers.pop(kid, None)
                 self._secrets.pop(kid, None)
             self._current = None
-            if self._root is not None and self._root[0] not in self._created:
-                # Unwrapped again before the next new key: if another connection rotated the master
-                # key, that fails (WrongKeyError) instead of wrapping a new key under the old one.
+            created = None if self._root is None else self._created.get(self._root[0])
+            if self._root is not None and (created is None or created[0] is not self.store._tx):
+                # Unwrapped again (from the file) before the next new key: if another connection rotated
+                # the master key, that fails (WrongKeyError) instead of wrapping a new key under the old
+                # one. Only a root made by the transaction now open is kept as it is.
                 self._root = None
         self._generation = generation
 

@@ -63,7 +63,7 @@ SKIP_DIRS = {".git", ".venv", "venv", "node_modules"}
 
 @dataclass
 class Secrets:
-    """What to search for: literal byte strings, and 16-character pieces of keys' text forms."""
+    """What to search for: literal byte strings, and pieces (12 or 16 characters) of keys' text forms."""
 
     literals: dict[bytes, str] = field(default_factory=dict)
     pieces: dict[int, dict[bytes, str]] = field(default_factory=dict)  # by length
