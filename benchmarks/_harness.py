@@ -199,6 +199,21 @@ class Report:
         value = b.per_item / a.per_item if faster else a.per_item / b.per_item
         return self.figure(Figure(name, label, value, "x", target_op, target, ours=_side(a), peers={b.name: _side(b)}))
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Report:
+        """Rebuild a report from ``to_json`` output (``run.py all`` runs each part in its own process)."""
+        report = cls(data["name"], bool(data["quick"]), params=dict(data.get("params", {})),
+                     notes=list(data.get("notes", [])), elapsed_s=float(data.get("elapsed_s", 0.0)))
+        for name, t in data.get("timings", {}).items():
+            report.add(Timing(name, t["label"], [float(r) for r in t["runs_s"]], int(t["items"]), t["unit"]))
+        for name, f in data.get("figures", {}).items():
+            target = f.get("target") or {}
+            report.figure(Figure(
+                name, f["label"], float("nan") if f.get("value") is None else float(f["value"]), f["unit"],
+                target.get("op"), target.get("value"), note=f.get("note", ""), ours=f.get("ours", ""),
+                peers=dict(f.get("peers", {})), skipped=f.get("skipped", "")))
+        return report
+
     def to_json(self) -> dict[str, Any]:
         """The report as a JSON-ready dict."""
         return {

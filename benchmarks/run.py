@@ -17,6 +17,7 @@ import datetime
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -190,6 +191,18 @@ def describe(name: str) -> str:
     return doc.splitlines()[0] if doc else ""
 
 
+def run_isolated(name: str, quick: bool) -> Report:
+    """Run one benchmark in a child process (``run.py NAME --json``) and rebuild its report."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), name, "--json"] + (["--quick"] if quick else [])
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy(), check=False)  # progress: stderr
+    if proc.returncode != 0:
+        raise SystemExit(f"run.py: benchmark {name!r} failed (exit {proc.returncode}); run it alone to see why")
+    try:
+        return Report.from_json(json.loads(proc.stdout)["benchmarks"][name])
+    except (ValueError, KeyError) as exc:
+        raise SystemExit(f"run.py: benchmark {name!r} printed no readable JSON ({exc})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the arguments, run the chosen benchmarks, print a table or one JSON object."""
     names = available()
@@ -248,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()) + "\n", flush=True)
     reports: dict[str, Report] = {}
     for name in chosen:
-        report = load(name).run(quick=args.quick)
+        # With several parts, each runs in a fresh process: a peer's runtime (Chroma, LanceDB)
+        # or a large heap left by one part would otherwise slow the next one down.
+        report = run_isolated(name, args.quick) if len(chosen) > 1 else load(name).run(quick=args.quick)
         if not isinstance(report, Report):
             raise SystemExit(
                 f"run.py: benchmark {name!r} returned {type(report).__name__}, not a Report"
