@@ -585,6 +585,8 @@ def bench_postgres(report: Report, scratch: Scratch, sizes: Sizes) -> None:
 
 SCALING_N = (10_000, 30_000, 100_000)
 SCALING_N_QUICK = (2_000, 5_000, 10_000)
+#: Overrides the N of the scaling section: comma-separated row counts.
+SCALING_N_ENV = "LOCALSTORE_BENCH_SCALING_N"
 
 
 def bench_scaling(report: Report, scratch: Scratch, sizes: Sizes, quick: bool) -> None:
@@ -595,6 +597,8 @@ def bench_scaling(report: Report, scratch: Scratch, sizes: Sizes, quick: bool) -
     pa, _ = _try_import("pyarrow")
     dim, nq = sizes.dim, sizes.queries
     ns = (500, 1_000, 2_000) if is_tiny() else SCALING_N_QUICK if quick else SCALING_N
+    if os.environ.get(SCALING_N_ENV):  # e.g. 10000,100000,1000000 for the 1M point (Chroma takes minutes there)
+        ns = tuple(int(v) for v in os.environ[SCALING_N_ENV].split(","))
     queries = vec.embeddings(nq, dim, seed=2)
     series: dict[str, dict[str, list[float]]] = {}
 
