@@ -500,7 +500,7 @@ class Collection:
         def read(db: Any) -> list[Any]:
             select = f"SELECT {quote(self.key)} FROM {self._schema.table}"
             sql, params = self._select_sql(select, where, None, limit, None)
-            return db.execute(sql, params).fetchall()
+            return list(db.execute(sql, params).fetchall())
 
         return [r[0] for r in self.store._run(read, f"querying {self.name!r}")]
 

@@ -43,6 +43,10 @@ import localstore as ls
 
 from ._util import finite, new_id, now, to_epoch
 from .checkpoint_state import decode_state, encode_state
+from .checkpoints import Checkpoints
+
+# decode_state/encode_state: the state layout is part of this kit's public surface.
+__all__ = ["Telemetry", "check_session_id", "decode_state", "encode_state", "record_key"]
 
 STATUSES = ("running", "completed", "failed", "aborted", "imported")
 HISTORY_ACTIONS = ("created", "loaded", "pruned", "ranked")
@@ -57,15 +61,6 @@ DEFAULT_PAGE = 20_000
 _RECORD_KEYS = frozenset({"session_id", "step", "timestamp", "phi", "kappa_eff", "regime", "basin_distance", "emergency"})
 # A float strictly between these is finite (NaN fails every comparison).
 _FINITE_MIN, _FINITE_MAX = float("-inf"), float("inf")
-
-
-#: The order of checkpoints by merit: highest phi first, ties to the older (then the earlier written).
-BEST_ORDER = ("-phi", "created_at")
-
-
-def _outranks(new: Mapping[str, Any], old: Mapping[str, Any]) -> bool:
-    """Whether a new checkpoint ranks above an existing one (an exact tie goes to the one written first)."""
-    return bool(new["phi"] > old["phi"] or (new["phi"] == old["phi"] and new["created_at"] < old["created_at"]))
 
 
 def record_key(session_id: str, step: int) -> str:
@@ -85,7 +80,7 @@ def check_session_id(session_id: Any) -> str:
     return session_id
 
 
-class Telemetry:
+class Telemetry(Checkpoints):
     """The telemetry and checkpoints kit on one store. Declares (or reopens) its collections.
 
     ``basin_metric`` (``"fisher_rao"`` or ``"cosine"``) ranks the 64-d ``basin_coords``
@@ -201,6 +196,11 @@ class Telemetry:
     def get_session(self, session_id: str) -> dict[str, Any] | None:
         """The session row, or None."""
         return self.sessions.get(session_id)
+
+    def _check_session(self, session_id: Any) -> None:
+        """Raise the usual error unless the session exists (one key probe, no row read)."""
+        if self.sessions.get(check_session_id(session_id), fields=[]) is None:
+            self._require_session(session_id)
 
     def _require_session(self, session_id: Any) -> dict[str, Any]:
         row = self.sessions.get(check_session_id(session_id))
@@ -394,165 +394,6 @@ class Telemetry:
             s["by_metric"][metric] = s["by_metric"].get(metric, 0) + 1
             s["last_at"] = e["timestamp"]
         return sorted(summary.values(), key=lambda s: s["session_id"])
-
-    # -- checkpoints ----------------------------------------------------------------------------
-
-    def save_checkpoint(
-        self, session_id: str, *, phi: float, kappa: float | None = None, regime: str | None = None,
-        basin_coords: Any = None, state_dict: Mapping[str, Any] | None = None,
-        metadata: dict[str, Any] | None = None, checkpoint_id: str | None = None, created_at: Any = None,
-    ) -> str:
-        """Save a checkpoint and log it as "created"; return its id.
-
-        ``state_dict`` maps names to numpy arrays (kept exactly, no pickle) or JSON values
-        (see ``encode_state``); it goes to ``checkpoint_states``, written once. No other
-        checkpoint is rewritten: ranks are computed when read, and only the ``is_best``
-        flag of the session's previous best changes (one partial update of a small row).
-        """
-        cid = new_id() if checkpoint_id is None else checkpoint_id
-        if not isinstance(cid, str) or not cid:
-            raise ls.ValidationError(f"checkpoints: checkpoint_id must be a non-empty string, got {cid!r}")
-        where = f"checkpoints[{cid!r}]"
-        row = {
-            "checkpoint_id": cid, "session_id": session_id, "phi": finite(phi, f"{where}.phi"),
-            "kappa": None if kappa is None else finite(kappa, f"{where}.kappa"), "regime": regime,
-            "basin_coords": basin_coords, "metadata": metadata or {},
-            "created_at": now() if created_at is None else to_epoch(created_at, f"{where}.created_at"),
-        }
-        state = encode_state(state_dict)
-        with self.store.transaction():
-            if self.sessions.get(check_session_id(session_id), fields=[]) is None:
-                self._require_session(session_id)  # raises the usual error
-            # A generated id is new; a given one may name a checkpoint saved before.
-            previous = None if checkpoint_id is None else self.checkpoints.get(cid, fields=["session_id"])
-            if previous is None:
-                self._put_new_checkpoint(row)
-            else:  # saved again under its id: its session's best may move either way
-                self.checkpoints.put(row)
-                self._fix_best({session_id, previous["session_id"]})
-            if state is not None:
-                self.states.put({"checkpoint_id": cid, "session_id": session_id, "state": state})
-            elif previous is not None:
-                self.states.delete(cid)
-            self._log(cid, session_id, "created", {"phi": row["phi"]})
-        return cid
-
-    def _put_new_checkpoint(self, row: dict[str, Any]) -> None:
-        """Write a new checkpoint row, flagged ``is_best`` if it outranks its session's best, which then loses the flag."""
-        sid = row["session_id"]
-        holders = self.checkpoints.find(where={"session_id": sid, "is_best": True}, fields=["phi", "created_at"])
-        if not holders:  # a first checkpoint, or a session whose best was deleted behind the kit's back
-            holders = self.checkpoints.find(where={"session_id": sid}, fields=["phi", "created_at", "is_best"],
-                                            order_by=[*BEST_ORDER], limit=1)
-        row["is_best"] = all(_outranks(row, h) for h in holders)
-        self.checkpoints.put(row)
-        if row["is_best"]:
-            self.checkpoints.update_many({h["checkpoint_id"]: {"is_best": False} for h in holders if h.get("is_best", True)})
-
-    def _fix_best(self, session_ids: Iterable[str]) -> None:
-        """Make ``is_best`` true for exactly each session's top checkpoint (after a prune or a re-save)."""
-        changes: dict[str, dict[str, Any]] = {}
-        for sid in sorted(session_ids):
-            top = self.checkpoints.find(where={"session_id": sid}, fields=["is_best"], order_by=[*BEST_ORDER], limit=1)
-            holders = self.checkpoints.find(where={"session_id": sid, "is_best": True}, fields=[])
-            best = top[0]["checkpoint_id"] if top else None
-            changes.update({h["checkpoint_id"]: {"is_best": False} for h in holders if h["checkpoint_id"] != best})
-            if top and not top[0]["is_best"]:
-                changes[top[0]["checkpoint_id"]] = {"is_best": True}
-        self.checkpoints.update_many(changes)
-
-    def _log(self, checkpoint_id: str, session_id: str, action: str, details: dict[str, Any]) -> None:
-        self.history.put({"history_id": new_id(), "checkpoint_id": checkpoint_id, "session_id": session_id,
-                          "action": action, "timestamp": now(), "details": details})
-
-    def ranks(self, session_ids: Iterable[str]) -> dict[str, int]:
-        """The rank of every checkpoint of these sessions: 1 = highest phi in its session (ties: older first)."""
-        sids = sorted(set(session_ids))
-        if not sids:
-            return {}
-        rows = self.checkpoints.find(where={"session_id": {"in": sids}}, fields=["session_id"],
-                                     order_by=["session_id", *BEST_ORDER])
-        out: dict[str, int] = {}
-        current, rank = None, 0
-        for r in rows:
-            rank = rank + 1 if r["session_id"] == current else 1
-            current = r["session_id"]
-            out[r["checkpoint_id"]] = rank
-        return out
-
-    def _ranked(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Fill each row's ``rank`` and ``is_best`` from the current ranking of its session."""
-        ranks = self.ranks(r["session_id"] for r in rows)
-        for row in rows:
-            row["rank"] = ranks.get(row["checkpoint_id"])
-            row["is_best"] = row["rank"] == 1
-        return rows
-
-    def _state(self, checkpoint_id: str) -> dict[str, Any] | None:
-        """A checkpoint's state, unpacked: from ``checkpoint_states``, or from the row itself for checkpoints saved before."""
-        found = self.states.get(checkpoint_id, fields=["state"])
-        if found is not None:
-            return decode_state(found["state"])
-        legacy = self.checkpoints.get(checkpoint_id, fields=["state_dict"])
-        return None if legacy is None else decode_state(legacy["state_dict"])
-
-    def list_checkpoints(self, session_id: str | None = None) -> list[dict[str, Any]]:
-        """Checkpoints (of a session, or all) without their state: by session, then rank (best first)."""
-        where = None if session_id is None else {"session_id": session_id}
-        rows = self.checkpoints.find(where, fields=self._meta, order_by=["session_id", *BEST_ORDER])
-        return self._ranked(rows)
-
-    def load_checkpoint(self, checkpoint_id: str) -> dict[str, Any] | None:
-        """The checkpoint with its state_dict unpacked and its rank (logged as "loaded"), or None."""
-        with self.store.transaction():
-            row = self.checkpoints.get(checkpoint_id, fields=self._meta)
-            if row is None:
-                return None
-            self._log(checkpoint_id, row["session_id"], "loaded", {})
-            self._ranked([row])
-            row["state_dict"] = self._state(checkpoint_id)
-        return row
-
-    def get_best_checkpoint(self, session_id: str | None = None) -> dict[str, Any] | None:
-        """The checkpoint with the highest phi (of the session, or of the store), state unpacked; or None."""
-        where = None if session_id is None else {"session_id": session_id}
-        with self.store.transaction():  # one snapshot for the row and its state
-            rows = self.checkpoints.find(where, fields=self._meta, order_by=[*BEST_ORDER], limit=1)
-            if not rows:
-                return None
-            row = rows[0]
-            row["rank"], row["is_best"] = 1, True  # the best of the store is the best of its session too
-            row["state_dict"] = self._state(row["checkpoint_id"])
-        return row
-
-    def best_checkpoints(self, limit: int = 10) -> list[dict[str, Any]]:
-        """The top checkpoints by phi across sessions, with their rank in their session, without their state_dict."""
-        return self._ranked(self.checkpoints.find(None, fields=self._meta, order_by=[*BEST_ORDER], limit=limit))
-
-    def prune_checkpoints(self, keep: int, *, session_id: str | None = None) -> list[str]:
-        """Delete all but the ``keep`` best checkpoints by phi (of the session, or of the store).
-
-        Logs a "pruned" entry per deleted checkpoint (with the rank it had); returns the deleted ids.
-        """
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-            raise ls.ValidationError(f"prune_checkpoints: keep must be an int >= 1, got {keep!r}")
-        where = None if session_id is None else {"session_id": session_id}
-        with self.store.transaction():
-            rows = self.checkpoints.find(where, fields=["session_id", "phi"], order_by=[*BEST_ORDER], offset=keep)
-            ranks = self.ranks(r["session_id"] for r in rows)
-            for row in rows:
-                self._log(row["checkpoint_id"], row["session_id"], "pruned",
-                          {"phi": row["phi"], "rank": ranks.get(row["checkpoint_id"])})
-            ids = [r["checkpoint_id"] for r in rows]
-            self.checkpoints.delete_many(ids)
-            self.states.delete_many(ids)
-            self._fix_best(r["session_id"] for r in rows)
-        return ids
-
-    def checkpoint_history(self, checkpoint_id: str | None = None) -> list[dict[str, Any]]:
-        """History entries (created, loaded, pruned; "ranked" in stores written by earlier versions) in time order."""
-        where = None if checkpoint_id is None else {"checkpoint_id": checkpoint_id}
-        return self.history.find(where=where, order_by="timestamp")
 
     # -- basin history --------------------------------------------------------------------------
 
