@@ -23,8 +23,10 @@ from typing import Any
 
 from psycopg import sql
 
-from .central import DEFAULT_SCHEMA, STATE_COLUMNS, Central, state_table_name
-from .tenancy import TenancyError, marker
+from .central import DEFAULT_SCHEMA, Central, state_table_name
+from .errors import TenancyError
+from .merge import STATE_COLUMNS
+from .tenancy import marker
 
 #: The schema holding the kit views.
 DEFAULT_VIEWS_SCHEMA = "agents"
