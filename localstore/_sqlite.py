@@ -229,3 +229,21 @@ def scalar(db: apsw.Connection, sql: str, params: tuple[Any, ...] | list[Any] = 
     """The first column of the first row of a query, or None if it returns no row."""
     row = db.execute(sql, params).fetchone()
     return None if row is None else row[0]
+
+
+def created_row_state(store: Any, created: tuple[Any, int], table: str, row_id: int) -> tuple[bool, bool]:
+    """Whether a row this store object inserted (``created`` = (its transaction, depth)) is still there, and committed.
+
+    Caches of rows made inside a transaction (keys, dictionaries) ask this, since a
+    rollback may have undone the row: (True, False) while the top-level transaction
+    that made it is still open; otherwise the row is looked up, and it counts as
+    committed once a later transaction sees it.
+    """
+    tx, depth = created
+    if tx is store._tx and depth == 1:
+        return True, False
+    try:
+        found = store._db.execute(f"SELECT 1 FROM {table} WHERE id = ?", (row_id,)).fetchone() is not None
+    except apsw.SQLError:  # the table itself was rolled back
+        found = False
+    return found, found and tx is not store._tx

@@ -58,10 +58,10 @@ import threading
 import zlib
 from typing import TYPE_CHECKING, Any
 
-import apsw
 import zstandard as zstd
 
 from . import clock
+from ._sqlite import created_row_state
 from .errors import CodecError
 
 if TYPE_CHECKING:
@@ -228,15 +228,8 @@ class Dictionaries:
         created = self._created.get(dict_id)
         if created is None:
             return True
-        store = self.store
-        tx, depth = created
-        if tx is store._tx and depth == 1:
-            return True
-        try:
-            found = store._db.execute("SELECT 1 FROM _ls_dicts WHERE id = ?", (dict_id,)).fetchone() is not None
-        except apsw.SQLError:  # the table itself was rolled back
-            found = False
-        if found and tx is not store._tx:
+        found, committed = created_row_state(self.store, created, "_ls_dicts", dict_id)
+        if committed:
             del self._created[dict_id]
         if not found:
             self._created.pop(dict_id, None)

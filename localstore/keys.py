@@ -38,7 +38,7 @@ import apsw
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import clock, crypto
-from ._sqlite import boundary
+from ._sqlite import boundary, created_row_state
 from .errors import KeyFileError, MissingKeyError, WrongKeyError
 
 if TYPE_CHECKING:
@@ -265,15 +265,8 @@ class KeyRing:
         created = self._created.get(key_id)
         if created is None:
             return True
-        store = self.store
-        tx, depth = created
-        if tx is store._tx and depth == 1:
-            return True  # created by this very top-level transaction, which is still open
-        try:
-            found = store._db.execute("SELECT 1 FROM _ls_keys WHERE id = ?", (key_id,)).fetchone() is not None
-        except apsw.SQLError:  # the table itself was rolled back
-            found = False
-        if found and tx is not store._tx:
+        found, committed = created_row_state(self.store, created, "_ls_keys", key_id)
+        if committed:
             del self._created[key_id]  # a later transaction sees it: it was committed
         if not found:
             self._drop(key_id)
@@ -476,9 +469,8 @@ class KeyRing:
         cipher = self._ciphers.get(key_id)
         if cipher is not None:
             return cipher
-        with self.store._lock:
-            with boundary(self.store.path, "loading a key"):
-                return self._load(key_id)
+        with self.store._lock, boundary(self.store.path, "loading a key"):
+            return self._load(key_id)
 
     # -- blind index -------------------------------------------------------------------
 
