@@ -115,6 +115,11 @@ def reserve_bytes(path: str | os.PathLike[str]) -> int | None:
     return header[_RESERVE_OFFSET]
 
 
+def header_enabled(header: bytes) -> bool:
+    """Whether a file whose first 100 bytes are ``header`` keeps page checksums."""
+    return len(header) >= 100 and header.startswith(b"SQLite format 3\x00") and header[_RESERVE_OFFSET] == RESERVE_BYTES
+
+
 def enabled(path: str | os.PathLike[str]) -> bool:
     """Whether a store file keeps page checksums."""
     return reserve_bytes(path) == RESERVE_BYTES

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import apsw
 import msgpack
 
+from . import checksums as checksums_mod
 from . import clock
 from . import schema as schema_mod
 from ._sqlite import (
@@ -36,7 +37,6 @@ from ._sqlite import (
     scalar,
     translate,
 )
-from . import checksums as checksums_mod
 from .derived import DerivedIndexes
 from .errors import (
     InvalidNameError,
@@ -105,9 +105,12 @@ class Store:
         if durability not in DURABILITY:
             raise StoreOpenError(f"durability must be one of {', '.join(DURABILITY)}, got {durability!r}")
         check_vfs(vfs, self.path)  # before the file is created, so a typo leaves nothing behind
+        if os.path.isdir(self.path):
+            raise StoreOpenError(f"{self.path} is a directory; a store is a single file, e.g. {self.path}/agent.db")
+        header = _read_header(self.path)  # None: no file yet
         # A file that keeps page checksums is always opened through cksumvfs, so no writer
         # of ours can leave its checksums stale.
-        use_checksums = bool(checksums) or (os.path.isfile(self.path) and checksums_mod.enabled(self.path))
+        use_checksums = bool(checksums) or (header is not None and checksums_mod.header_enabled(header))
         if use_checksums:
             if vfs not in (None, checksums_mod.VFS_NAME):
                 raise StoreOpenError(
@@ -115,13 +118,11 @@ class Store:
                     f"which cannot be combined with vfs={vfs!r}"
                 )
             vfs = checksums_mod.register()
-        if os.path.isdir(self.path):
-            raise StoreOpenError(f"{self.path} is a directory; a store is a single file, e.g. {self.path}/agent.db")
-        if not os.path.exists(self.path):
+        if header is None:
             if not create:
                 raise StoreOpenError(f"no store at {self.path}: the file does not exist (localstore.open creates it unless create=False)")
             create_private_file(self.path)
-        elif os.path.getsize(self.path) and not _looks_like_sqlite(self.path):
+        elif header and not header.startswith(_SQLITE_MAGIC):
             raise translate(apsw.NotADBError("file is not a database"), self.path, "opening")
         self.durability = durability
         self.vfs = vfs
@@ -536,10 +537,13 @@ def _check_file(conn: apsw.Connection, path: str, checksums: bool) -> None:
         checksums_mod.prepare(conn, path)
 
 
-def _looks_like_sqlite(path: str) -> bool:
+def _read_header(path: str) -> bytes | None:
+    """The first 100 bytes of the file (SQLite's header; fewer if it is shorter), or None if there is no file."""
     try:
         with builtins.open(path, "rb") as handle:
-            return handle.read(16) == _SQLITE_MAGIC
+            return handle.read(100)
+    except FileNotFoundError:
+        return None
     except OSError as exc:
         raise StoreOpenError(f"cannot read {path}: {exc.strerror}") from None
 
