@@ -415,18 +415,27 @@ def reencrypt(store: Any, batch: int) -> int:
             sql = f"SELECT {key}, {columns} FROM {coll._schema.table}"
             sql += f" WHERE {key} > ? ORDER BY {key} LIMIT ?" if last is not None else f" ORDER BY {key} LIMIT ?"
             params = (last, batch) if last is not None else (batch,)
-            rows = store._run(lambda db: db.execute(sql, params).fetchall(), f"re-encrypting {name!r}")
+            rows = store._run(lambda db, sql=sql, params=params: db.execute(sql, params).fetchall(), f"re-encrypting {name!r}")
             if not rows:
                 break
             last = rows[-1][0]
             stale = [r[0] for r in rows if any(v is not None and crypto.key_id_of(v) != newest for v in r[1:])]
             if stale:
-                with store.transaction():
-                    fresh = [row for row in coll.get_many(stale) if row is not None]
-                    fresh = [row for row in fresh if not any(v is FORGOTTEN for v in row.values())]
-                    coll.put_many(fresh)
-                rewritten += len(fresh)
+                rewritten += _rewrite(store, coll, stale)
     return rewritten
+
+
+def _rewrite(store: Any, coll: Any, keys: list[Any]) -> int:
+    """Read these rows and put them back in one transaction (in the current forms); return how many.
+
+    Rows holding a value of a forgotten subject are left alone: putting one back would
+    need the value that is gone.
+    """
+    with store.transaction():
+        fresh = [row for row in coll.get_many(keys) if row is not None]
+        fresh = [row for row in fresh if not any(v is FORGOTTEN for v in row.values())]
+        coll.put_many(fresh)
+    return len(fresh)
 
 
 def rewrite_unchecked(store: Any, batch: int) -> int:
@@ -459,11 +468,7 @@ def rewrite_unchecked(store: Any, batch: int) -> int:
             if not keys:
                 break
             last = keys[-1]
-            with store.transaction():
-                fresh = [row for row in coll.get_many(keys) if row is not None]
-                fresh = [row for row in fresh if not any(v is FORGOTTEN for v in row.values())]
-                coll.put_many(fresh)
-            rewritten += len(fresh)
+            rewritten += _rewrite(store, coll, keys)
     return rewritten
 
 

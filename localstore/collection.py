@@ -227,16 +227,8 @@ class Collection:
 
     def _raise_bad_text(self, bindings: list[tuple[Any, ...]]) -> None:
         """Name the field whose text SQLite could not take as UTF-8 (a lone surrogate)."""
-        for values in bindings:
-            for name, value in zip(self._order, values):
-                if isinstance(value, str):
-                    try:
-                        value.encode("utf-8")
-                    except UnicodeEncodeError as exc:
-                        raise ValidationError(
-                            f"{self.name}.{name}: expected valid unicode text, got a lone surrogate "
-                            f"{exc.object[exc.start:exc.end]!r} in key {values[0]!r}; nothing was written"
-                        ) from None
+        raise_bad_text(self.name, ((values[0], name, value) for values in bindings
+                                   for name, value in zip(self._order, values)))
 
     def _missing(self, name: str) -> None:
         if name == self.key:
@@ -567,3 +559,16 @@ class Collection:
 
     def __iter__(self) -> Any:
         return iter(self.find())
+
+
+def raise_bad_text(collection: str, values: Iterable[tuple[Any, str, Any]]) -> None:
+    """Raise ``ValidationError`` naming the first (key, field, value) whose text is not valid UTF-8 (a lone surrogate)."""
+    for key, name, value in values:
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValidationError(
+                    f"{collection}.{name}: expected valid unicode text, got a lone surrogate "
+                    f"{exc.object[exc.start:exc.end]!r} in key {key!r}; nothing was written"
+                ) from None

@@ -184,16 +184,9 @@ def _write(coll: Collection, db: Any, checked: list[tuple[Any, dict[str, Any]]],
 
 def _raise_bad_text(coll: Collection, checked: list[tuple[Any, dict[str, Any]]]) -> None:
     """Name the field whose text SQLite could not take as UTF-8 (a lone surrogate)."""
-    for key, values in checked:
-        for name, value in values.items():
-            if isinstance(value, str):
-                try:
-                    value.encode("utf-8")
-                except UnicodeEncodeError as exc:
-                    raise ValidationError(
-                        f"{coll.name}.{name}: expected valid unicode text, got a lone surrogate "
-                        f"{exc.object[exc.start:exc.end]!r} in key {key!r}; nothing was written"
-                    ) from None
+    from .collection import raise_bad_text
+
+    raise_bad_text(coll.name, ((key, name, value) for key, values in checked for name, value in values.items()))
 
 
 def _refresh_derived(
