@@ -2,7 +2,9 @@
 
 They hold nothing the row table does not: each can be dropped and rebuilt from
 the rows at any time (``store.reindex()``), and every write through the API
-updates them in the same transaction as the row.
+updates them in the same transaction as the row, except that a vec0 index leaves
+rows above its high-water rowid to a bulk catch-up before its next read (see
+``vectors.py``). FTS5 entries are always written with the row.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from ._sqlite import quote
 from .fields import Vector
 from .search import FullTextIndex
-from .vectors import VectorIndex, filter_fields
+from .vectors import NO_HIGH_WATER, VectorIndex, filter_fields
 
 if TYPE_CHECKING:
     import apsw
@@ -33,9 +35,6 @@ class DerivedIndexes:
     def empty(self) -> bool:
         """Whether the collection has no derived index."""
         return not self.vectors and self.fulltext is None
-
-    def _all(self) -> list[Any]:
-        return [*self.vectors.values(), *([self.fulltext] if self.fulltext else [])]
 
     def ensure(self, db: apsw.Connection, previous: CollectionSchema | None) -> None:
         """Create missing indexes; rebuild those whose shape changed since ``previous``."""
@@ -61,22 +60,53 @@ class DerivedIndexes:
                 self.fulltext.rebuild(db)
 
     def write(self, db: apsw.Connection, rowids: list[int], bindings: list[tuple[Any, ...]], old_max: int) -> None:
-        """Update every index for rows just written; rows with rowid > ``old_max`` were inserted, not replaced."""
+        """Update every index for rows just written; rows with rowid > ``old_max`` were inserted, not replaced.
+
+        ``old_max`` is the largest rowid before the write, or ``NO_HIGH_WATER`` when the
+        caller cannot tell new rows from replaced ones (then every row may have entries).
+        """
         if len(set(rowids)) != len(rowids):
             # The same key written twice in one batch: only its last version is indexed.
             last = {r: i for i, r in enumerate(rowids)}
             keep = sorted(last.values())
             rowids, bindings = [rowids[i] for i in keep], [bindings[i] for i in keep]
-        replaced = [(r,) for r in rowids if r <= old_max]
-        for index in self._all():
+        if not rowids:
+            return
+        if self.fulltext is not None:
+            replaced = [(r,) for r in rowids if r <= old_max]
+            if replaced:
+                db.executemany(self.fulltext.sql_delete, replaced)
+            self.fulltext.insert(db, rowids, bindings)
+        lowest = min(rowids)
+        for index in self.vectors.values():
+            through = index.high_water(db)
+            if through is None:
+                # An index kept row by row so far is complete up to old_max: defer from there on.
+                through = old_max
+                if old_max < NO_HIGH_WATER:
+                    index.set_high_water(db, old_max)
+            if lowest > through:
+                continue  # all fresh rows above W: the next catch-up indexes them in bulk
+            now = [i for i, r in enumerate(rowids) if r <= through]
+            ids, rows = [rowids[i] for i in now], [bindings[i] for i in now]
+            replaced = [(r,) for r in ids if r <= old_max]
             if replaced:
                 db.executemany(index.sql_delete, replaced)
-            index.insert(db, rowids, bindings)
+            index.insert(db, ids, rows)
 
     def delete(self, db: apsw.Connection, rowids: list[int]) -> None:
-        """Remove deleted rows from every index."""
-        for index in self._all():
-            index.delete(db, rowids)
+        """Remove deleted rows from every index (a vec0 index holds none of the rows above its W)."""
+        if self.fulltext is not None:
+            self.fulltext.delete(db, rowids)
+        for index in self.vectors.values():
+            through = index.indexed_through(db)
+            gone = rowids if through >= NO_HIGH_WATER else [r for r in rowids if r <= through]
+            if gone:
+                index.delete(db, gone)
+
+    def catch_up(self, db: apsw.Connection) -> int:
+        """Index the rows waiting above each vec0 index's W (inside a write transaction); return how many."""
+        return sum(index.catch_up(db) for index in self.vectors.values())
 
     def rebuild(self, db: apsw.Connection) -> dict[str, int]:
         """Rebuild every index from the rows; return the rows indexed per index."""

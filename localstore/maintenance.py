@@ -18,6 +18,7 @@ from .collection import OP_DELETE, OP_PUT
 from .derived import DerivedIndexes
 from .errors import BackupError, CorruptStoreError, LocalStoreError
 from .keys import withhold_subject_keys
+from .vectors import NO_HIGH_WATER
 
 if TYPE_CHECKING:
     from .store import Store
@@ -238,9 +239,18 @@ def _verify_derived(db: apsw.Connection, sch: schema_mod.CollectionSchema, repor
         except apsw.SQLError:
             report.problems.append(f"collection {sch.name!r}: the vector index of {name!r} is missing; run store.reindex()")
             continue
-        rows = int(scalar(db, f"SELECT count(*) FROM {sch.table} WHERE {quote(name)} IS NOT NULL"))
-        if indexed != rows:
+        # Rows above the index's high-water rowid wait for its next catch-up: pending, not missing.
+        through = index.indexed_through(db)
+        above = 0
+        if through < NO_HIGH_WATER:
+            above = int(scalar(db, f"SELECT count(*) FROM {index.rowids_table} WHERE rowid > ?", (through,)))
+        rows = int(scalar(db, f"SELECT count(*) FROM {sch.table} WHERE {quote(name)} IS NOT NULL AND rowid <= ?",
+                          (through,)))
+        if indexed - above != rows:
             report.problems.append(
+                f"collection {sch.name!r}: the vector index of {name!r} holds {indexed - above} entries for {rows} "
+                f"rows (up to rowid {through}); run store.reindex()"
+                if through < NO_HIGH_WATER else
                 f"collection {sch.name!r}: the vector index of {name!r} holds {indexed} entries for {rows} rows; "
                 "run store.reindex()"
             )
@@ -320,7 +330,7 @@ def optimize(store: Store, *, vacuum: bool | None = None) -> dict[str, Any]:
     """Give space back and refresh planner statistics; return what was done.
 
     Vector indexes that keep many deleted slots (sqlite-vec never reuses them) are
-    rebuilt from the rows. ``vacuum=None`` vacuums when free pages exceed
+    rebuilt from the rows; the others index the rows waiting for their catch-up. ``vacuum=None`` vacuums when free pages exceed
     ``DEFAULT_VACUUM_FREE_SHARE`` of the file; True or False forces the choice.
     The WAL is checkpointed and truncated last.
     """
@@ -335,6 +345,8 @@ def optimize(store: Store, *, vacuum: bool | None = None) -> dict[str, Any]:
                 if derived.vectors and derived.fragmented(db):
                     derived.rebuild(db)
                     rebuilt.append(name)
+                else:
+                    derived.catch_up(db)  # index rows waiting above each vec0 high-water mark
         db.execute("PRAGMA optimize")
         if vacuum is None:
             pages = int(scalar(db, "PRAGMA page_count") or 0)

@@ -5,6 +5,8 @@ when the store keeps one, else from the sqlite-vec index; both are exact, and
 both apply ``where`` before ranking, so a filtered query returns exactly
 ``min(k, matching rows)`` hits. ``where`` may use the fields declared
 ``filter=True``: they are vec0 metadata columns, and indexed in the row table.
+A vec0 query first indexes the rows written since the index was last read
+(``VectorIndex.catch_up``), so it sees every row the cache would.
 """
 
 from __future__ import annotations
@@ -130,10 +132,26 @@ def nearest(
             results = cache.search(queries, k, mask)
         else:
             index = coll._derived.vectors[field]
+            _catch_up(coll, index)
             results = [_vec0_exact(coll, spec, index, q, k, where) for q in queries]
         rows = _rows_by_rowid(coll, sorted({r for result in results for r, _ in result}))
     hits = [[Hit(rows[r][coll.key], rows[r], d) for r, d in result if r in rows] for result in results]
     return hits if batch else hits[0]
+
+
+def _catch_up(coll: Collection, index: Any) -> None:
+    """Index the rows waiting above the vec0 index's high-water rowid before it is read.
+
+    Inside a transaction the catch-up joins it (and is rolled back with it); outside,
+    a cheap check comes first, and only a pending index costs a write transaction.
+    """
+    store = coll.store
+    db = store._db
+    if store._depth:
+        index.catch_up(db)
+    elif index.pending(db):
+        with store.transaction():
+            index.catch_up(store._db)
 
 
 def _vec0_exact(coll: Collection, spec: Vector, index: Any, query: np.ndarray, k: int, where: Any) -> list[tuple[int, float]]:

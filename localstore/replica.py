@@ -29,6 +29,7 @@ from ._sqlite import boundary, quote
 from .errors import StoreOpenError
 from .fields import Field
 from .store import Store
+from .vectors import NO_HIGH_WATER
 
 #: The ``_ls_seq`` of a row pulled from another store for a key with no local row.
 PULLED_SEQ = 0
@@ -381,7 +382,8 @@ def _update_derived(coll: Any, written: list[tuple[int, tuple[Any, ...]]], remov
         derived.delete(db, removed)
     if written:
         # Every written row may have had index entries: treat all as replaced (old_max beyond any rowid).
-        derived.write(db, rowids, [b for _, b in written], old_max=2**63 - 1)
+        # Rows above a vec0 index's high-water rowid are left to its next catch-up (vectors.py).
+        derived.write(db, rowids, [b for _, b in written], old_max=NO_HIGH_WATER)
     fpos = coll._filter_positions
     for name, pos in coll._vector_positions.items():
         changes: list[tuple[int, Any, Any]] = [(r, None, None) for r in removed]

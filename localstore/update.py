@@ -202,11 +202,16 @@ def _refresh_derived(
     if derived.empty:
         return
     store = coll.store
+    # Rows above a vec0 index's high-water rowid have no entry yet: its next catch-up reads them as they now are.
+    through = {name: index.indexed_through(db) for name, index in derived.vectors.items()}
     rewrite: dict[str, set[int]] = {}  # index name ("vec:<field>" or "fts") -> rowids to re-index
     meta: dict[str, list[tuple[int, dict[str, Any]]]] = {}  # vector field -> (rowid, changed filter values)
+    cached = {n for n in derived.vectors if (coll.name, n) in store._vectors.caches}
     for key, values in checked:
         rowid = found[key][0]
         for name, index in derived.vectors.items():
+            if rowid > through[name] and name not in cached:
+                continue
             if name in values:
                 rewrite.setdefault(f"vec:{name}", set()).add(rowid)
             else:
@@ -215,7 +220,6 @@ def _refresh_derived(
                     meta.setdefault(name, []).append((rowid, changed))
         if derived.fulltext is not None and any(f in values for f in derived.fulltext.fields):
             rewrite.setdefault("fts", set()).add(rowid)
-    cached = {n for n in derived.vectors if (coll.name, n) in store._vectors.caches}
     wanted = set().union(*rewrite.values(), (r for n in cached for r, _ in meta.get(n, ())))
     stored: dict[int, tuple[Any, ...]] = {}
     if wanted:
@@ -225,11 +229,13 @@ def _refresh_derived(
     fpos = coll._filter_positions
     for name, index in derived.vectors.items():
         full = sorted(rewrite.get(f"vec:{name}", ()))
-        if full:
-            db.executemany(index.sql_delete, [(r,) for r in full])
-            index.insert(db, full, [stored[r] for r in full])
+        indexed = [r for r in full if r <= through[name]]
+        if indexed:
+            db.executemany(index.sql_delete, [(r,) for r in indexed])
+            index.insert(db, indexed, [stored[r] for r in indexed])
         # A re-indexed row already carries its final filter values.
-        _set_filters(index, db, [(r, v) for r, v in meta.get(name, ()) if r not in rewrite.get(f"vec:{name}", ())])
+        _set_filters(index, db, [(r, v) for r, v in meta.get(name, ())
+                                 if r <= through[name] and r not in rewrite.get(f"vec:{name}", ())])
         if name in cached:
             touched = list(dict.fromkeys([*full, *(r for r, _ in meta.get(name, ()))]))
             pos = coll._vector_positions[name]

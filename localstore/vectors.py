@@ -9,6 +9,15 @@ and returns exactly ``min(k, matching)`` hits.
 vec0 metadata columns cannot hold NULL, so a None filter value is stored as a
 sentinel and every comparison on that column also excludes the sentinel, which
 keeps SQL's NULL semantics.
+
+Fresh inserts are indexed lazily. Each index has a high-water rowid W, kept in
+``_ls_vec_state``: every row with rowid <= W that has a vector is in vec0 (with
+its current vector and filter values), and vec0 holds no row above W. A write to
+a row above W leaves vec0 alone; writes to rows at or below W maintain it at once.
+``catch_up`` indexes the rows above W in one bulk INSERT ... SELECT and raises W
+to the largest rowid; it runs in the write transaction before anything reads vec0.
+An index with no W (a store written before W existed) was maintained row by row,
+so it is complete: the first write sets W to the rowid its rows start above.
 """
 
 from __future__ import annotations
@@ -18,16 +27,15 @@ import math
 import operator
 from typing import TYPE_CHECKING, Any
 
+import apsw
 import numpy as np
 
-from ._sqlite import quote
+from ._sqlite import quote, scalar
 from .errors import QueryError, SchemaError, ValidationError
 from .fields import Boolean, Field, Integer, Real, Text, Vector
 from .virtual import VirtualIndex
 
 if TYPE_CHECKING:
-    import apsw
-
     from .schema import CollectionSchema
 
 #: sqlite-vec's distance_metric for each of our metrics. Fisher-Rao indexes sqrt(p) by cosine.
@@ -42,6 +50,19 @@ DEFAULT_OVERSAMPLE: dict[str | None, int] = {None: 2, "int8": 8}
 #: blob at the row's offset, which costs more the longer the blob: at 384 dims, 256 rows per
 #: chunk insert ~25% faster than 1024 with the same KNN scan time (benchmarks/peers.py).
 DEFAULT_VEC0_CHUNK = 256
+
+#: The table of high-water rowids, one row per vec0 table. Its name starts with _ls_vec, so
+#: replication and store fingerprints pass it over like the vec0 tables it describes.
+STATE_TABLE = "_ls_vec_state"
+_STATE_DDL = f"CREATE TABLE IF NOT EXISTS {STATE_TABLE}(tbl TEXT PRIMARY KEY, high_water INTEGER NOT NULL) STRICT, WITHOUT ROWID"
+
+#: A high-water mark above every rowid: "index every row now", for writers that cannot tell new rows.
+NO_HIGH_WATER = 2**63 - 1
+#: The high-water mark of a new, empty index: below every rowid (Integer keys may be 0 or negative).
+LOWEST_ROWID = -(2**63)
+
+#: Rows per executemany when an index is filled through Python (Fisher-Rao roots).
+_FILL_BATCH = 10_000
 
 _SENTINEL_TEXT = "\x00localstore:null"
 _SENTINEL_INT = -(2**63)
@@ -137,6 +158,15 @@ class VectorIndex(VirtualIndex):
         self.sql_insert = f"INSERT INTO {self.table}({cols}) VALUES({marks})"
         self._pick = operator.itemgetter(self.vector_pos, *self.filter_pos)
         self.sql_delete = f"DELETE FROM {self.table} WHERE rowid = ?"
+        self.name = f"_ls_vec.{schema.name}.{field_name}"
+        # sqlite-vec's shadow table of indexed rowids: a rowid b-tree, so ranges over it are cheap.
+        self.rowids_table = quote(f"{self.name}_rowids")
+        vector = quote(field_name) if quant is None else f"vec_quantize_int8({quote(field_name)}, 'unit')"
+        self.sql_fill = (
+            f"INSERT INTO {self.table}({cols}) SELECT rowid, {vector}"
+            + "".join(f", coalesce({quote(n)}, {_sentinel_sql(s)})" for n, s in zip(self.filters, self.sentinels))
+            + f" FROM {schema.table} WHERE rowid >= ? AND {quote(field_name)} IS NOT NULL ORDER BY rowid"
+        )
 
     # -- DDL --------------------------------------------------------------------------------
 
@@ -149,22 +179,94 @@ class VectorIndex(VirtualIndex):
         chunk = f", chunk_size={DEFAULT_VEC0_CHUNK}"
         return f"CREATE VIRTUAL TABLE IF NOT EXISTS {self.table} USING vec0(embedding {kind}{metric}{meta}{chunk})"
 
+    def create(self, db: apsw.Connection) -> None:
+        """Create the table if missing; its W starts below every rowid, so rows written from now on wait for a catch-up."""
+        super().create(db)
+        self.set_high_water(db, LOWEST_ROWID)
+
     def rebuild(self, db: apsw.Connection) -> int:
         """Recreate the index from the row table (reclaiming deleted slots); return the rows indexed."""
         self.drop(db)
         self.create(db)
+        count = self._fill(db, LOWEST_ROWID)
+        top = self._top(db)
+        if top is not None:
+            self.set_high_water(db, top)
+        return count
+
+    # -- the high-water rowid ----------------------------------------------------------------
+
+    def high_water(self, db: apsw.Connection) -> int | None:
+        """W, read from the file (never cached: another connection may have moved it); None if never set."""
+        try:
+            row = db.execute(f"SELECT high_water FROM {STATE_TABLE} WHERE tbl = ?", (self.name,)).fetchone()
+        except apsw.SQLError:  # no state table yet: a store written before W existed
+            return None
+        return None if row is None else int(row[0])  # type: ignore[arg-type]
+
+    def indexed_through(self, db: apsw.Connection) -> int:
+        """The rowid up to which writes must keep vec0 in step (every rowid for an index without W)."""
+        found = self.high_water(db)
+        return NO_HIGH_WATER if found is None else found
+
+    def set_high_water(self, db: apsw.Connection, value: int) -> None:
+        """Store W for this index (inside the caller's write transaction)."""
+        db.execute(_STATE_DDL)
+        db.execute(
+            f"INSERT INTO {STATE_TABLE}(tbl, high_water) VALUES(?, ?) "
+            "ON CONFLICT(tbl) DO UPDATE SET high_water = excluded.high_water",
+            (self.name, value),
+        )
+
+    def _top(self, db: apsw.Connection) -> int | None:
+        """The largest rowid of the row table, None if it is empty."""
+        top = scalar(db, f"SELECT max(rowid) FROM {self.schema.table}")
+        return None if top is None else int(top)
+
+    def pending(self, db: apsw.Connection) -> bool:
+        """Whether rows above W wait to be indexed: two b-tree lookups, for readers outside a transaction."""
+        found = self.high_water(db)
+        top = self._top(db) if found is not None else None
+        return top is not None and top > found  # type: ignore[operator]
+
+    def catch_up(self, db: apsw.Connection) -> int:
+        """Index every row above W in bulk, then raise W to the largest rowid; return the rows indexed.
+
+        Runs inside a write transaction and is rolled back with it. Entries above W
+        (which only a writer unaware of W leaves) are replaced, so the insert never collides.
+        """
+        found = self.high_water(db)
+        if found is None:
+            return 0
+        top = self._top(db)
+        if top is None or top <= found:
+            return 0
+        stale = db.execute(f"SELECT rowid FROM {self.rowids_table} WHERE rowid > ?", (found,)).fetchall()
+        if stale:
+            db.executemany(self.sql_delete, stale)
+        count = self._fill(db, found + 1)
+        self.set_high_water(db, top)
+        return count
+
+    def _fill(self, db: apsw.Connection, start: int) -> int:
+        """Insert entries for every row from rowid ``start`` up that has a vector; return how many."""
+        if self.field.metric != "fisher_rao":
+            db.execute(self.sql_fill, (start,))
+            return int(db.changes())
+        # Fisher-Rao indexes sqrt(p), computed in numpy a batch at a time.
         cols = ", ".join(quote(n) for n in [self.field_name, *self.filters])
         rows = db.execute(
-            f"SELECT rowid, {cols} FROM {self.schema.table} WHERE {quote(self.field_name)} IS NOT NULL ORDER BY rowid"
+            f"SELECT rowid, {cols} FROM {self.schema.table} WHERE rowid >= ? AND {quote(self.field_name)} IS NOT NULL "
+            "ORDER BY rowid",
+            (start,),
         )
         count = 0
         batch: list[tuple[Any, ...]] = []
         for row in rows:
             batch.append(row)
-            if len(batch) >= 10_000:
+            if len(batch) >= _FILL_BATCH:
                 db.executemany(self.sql_insert, self._entries(batch))
-                count += len(batch)
-                batch = []
+                count, batch = count + len(batch), []
         if batch:
             db.executemany(self.sql_insert, self._entries(batch))
             count += len(batch)
