@@ -336,3 +336,57 @@ def test_state_layout_keeps_dtypes_shapes_and_detects_damage() -> None:
         decode_state(blob[:-3])
     with pytest.raises(ls.ValidationError):
         decode_state(b"nope")
+
+
+def test_save_checkpoints_matches_saving_one_by_one(tmp_path: Path) -> None:
+    """A batch gives the rows, ranks, best flags and history that the same saves one by one give."""
+    rng = np.random.default_rng(11)
+    batches = [[{"phi": float(rng.integers(4)) / 4, "created_at": int(rng.integers(5)), "checkpoint_id": f"c{b}-{j}",
+                 "state_dict": {"w": np.full(3, b * 10 + j, dtype="<f4"), "note": f"{b}/{j}"}}
+                for j in range(int(rng.integers(1, 6)))] for b in range(12)]
+    one, many = Telemetry(ls.open(tmp_path / "one.db")), Telemetry(ls.open(tmp_path / "many.db"))
+    for kit in (one, many):
+        kit.start_session("s")
+        kit.save_checkpoint("s", phi=0.5, created_at=2, checkpoint_id="first")
+    for batch in batches:
+        for item in batch:
+            one.save_checkpoint("s", **item)
+        assert many.save_checkpoints("s", batch) == [item["checkpoint_id"] for item in batch]
+        _check_best_flags(many)
+
+    def view(kit: Telemetry) -> list[tuple]:
+        return [(r["checkpoint_id"], r["phi"], r["rank"], r["is_best"]) for r in kit.list_checkpoints("s")]
+
+    assert view(many) == view(one)
+    got = many.load_checkpoint("c3-0")["state_dict"]  # type: ignore[index]
+    assert got["note"] == "3/0" and got["w"].tolist() == [30.0] * 3
+    created = [h["checkpoint_id"] for h in many.checkpoint_history() if h["action"] == "created"]
+    assert sorted(created) == sorted(r[0] for r in view(one))
+    assert many.store.verify().ok
+    one.store.close()
+    many.store.close()
+
+
+def test_save_checkpoints_resaves_and_refusals(tm: Telemetry) -> None:
+    """Items naming saved checkpoints are saved again; a bad item refuses the whole batch."""
+    sid = tm.start_session("s")
+    first = tm.save_checkpoints(sid, [{"phi": 0.9}, {"phi": 0.1, "checkpoint_id": "low"}])
+    assert len(first) == 2 and tm.get_best_checkpoint(sid)["checkpoint_id"] == first[0]  # type: ignore[index]
+    tm.save_checkpoints(sid, [{"phi": 1.0, "checkpoint_id": "low"}, {"phi": 0.2, "checkpoint_id": "new"}])
+    assert tm.get_best_checkpoint(sid)["checkpoint_id"] == "low"  # type: ignore[index]
+    _check_best_flags(tm)
+    assert tm.save_checkpoints(sid, []) == []
+    before = tm.checkpoints.count()
+    for bad, match in [
+        ([{"phi": 0.5}, {"phi": float("nan")}], "finite"),
+        ([{"phi": 0.5}, {"kappa": 1.0}], "phi is required"),
+        ([{"phi": 0.5, "psi": 1}], "unknown argument"),
+        ([{"phi": 0.5, "checkpoint_id": "x"}, {"phi": 0.6, "checkpoint_id": "x"}], "appears twice"),
+        ([{"phi": 0.5}, ("phi", 0.6)], "dict of save_checkpoint's arguments"),
+        ([{"phi": 0.5, "state_dict": {"f": object()}}], "neither a numpy array"),
+    ]:
+        with pytest.raises(ls.ValidationError, match=match):
+            tm.save_checkpoints(sid, bad)  # type: ignore[arg-type]
+    with pytest.raises(ls.ValidationError):
+        tm.save_checkpoints("nobody", [{"phi": 0.5}])
+    assert tm.checkpoints.count() == before

@@ -15,6 +15,8 @@ import localstore as ls
 from ._util import finite, new_id, now, to_epoch
 from .checkpoint_state import decode_state, encode_state
 
+#: The keyword arguments of ``save_checkpoint``, which ``save_checkpoints`` takes per item.
+_SAVE_ARGS = frozenset({"phi", "kappa", "regime", "basin_coords", "state_dict", "metadata", "checkpoint_id", "created_at"})
 #: The order of checkpoints by merit: highest phi first, ties to the older (then the earlier written).
 BEST_ORDER = ("-phi", "created_at")
 
@@ -51,23 +53,17 @@ class Checkpoints:
         checkpoint is rewritten: ranks are computed when read, and only the ``is_best``
         flag of the session's previous best changes (one partial update of a small row).
         """
-        cid = new_id() if checkpoint_id is None else checkpoint_id
-        if not isinstance(cid, str) or not cid:
-            raise ls.ValidationError(f"checkpoints: checkpoint_id must be a non-empty string, got {cid!r}")
-        where = f"checkpoints[{cid!r}]"
-        row = {
-            "checkpoint_id": cid, "session_id": session_id, "phi": finite(phi, f"{where}.phi"),
-            "kappa": None if kappa is None else finite(kappa, f"{where}.kappa"), "regime": regime,
-            "basin_coords": basin_coords, "metadata": metadata or {},
-            "created_at": now() if created_at is None else to_epoch(created_at, f"{where}.created_at"),
-        }
-        state = encode_state(state_dict)
+        row, state = self._new_checkpoint(session_id, {
+            "phi": phi, "kappa": kappa, "regime": regime, "basin_coords": basin_coords, "state_dict": state_dict,
+            "metadata": metadata, "checkpoint_id": checkpoint_id, "created_at": created_at,
+        })
+        cid = row["checkpoint_id"]
         with self.store.transaction():
             self._check_session(session_id)
             # A generated id is new; a given one may name a checkpoint saved before.
             previous = None if checkpoint_id is None else self.checkpoints.get(cid, fields=["session_id"])
             if previous is None:
-                self._put_new_checkpoint(row)
+                self._put_new_checkpoints([row])
             else:  # saved again under its id: its session's best may move either way
                 self.checkpoints.put(row)
                 self._fix_best({session_id, previous["session_id"]})
@@ -76,18 +72,84 @@ class Checkpoints:
             elif previous is not None:
                 self.states.delete(cid)
             self._log(cid, session_id, "created", {"phi": row["phi"]})
-        return cid
+        return str(cid)
 
-    def _put_new_checkpoint(self, row: dict[str, Any]) -> None:
-        """Write a new checkpoint row, flagged ``is_best`` if it outranks its session's best, which then loses the flag."""
-        sid = row["session_id"]
+    def save_checkpoints(self, session_id: str, checkpoints: Iterable[Mapping[str, Any]]) -> list[str]:
+        """Save several checkpoints of one session in one transaction, all or none; return their ids in order.
+
+        Each item holds ``save_checkpoint``'s keyword arguments (``phi`` required). The
+        result is that of saving them one by one, in order: ranks, ``is_best`` and one
+        "created" history entry each. New checkpoints are written with one statement per
+        collection; items that name a checkpoint saved before are saved one by one.
+        """
+        items = checkpoints if isinstance(checkpoints, (list, tuple)) else list(checkpoints)
+        for item in items:
+            if not isinstance(item, Mapping):
+                raise ls.ValidationError(
+                    f"save_checkpoints: each checkpoint is a dict of save_checkpoint's arguments, got {type(item).__name__}"
+                )
+        built = [self._new_checkpoint(session_id, item) for item in items]  # validated and encoded before the lock
+        ids = [row["checkpoint_id"] for row, _ in built]
+        if len(set(ids)) != len(ids):
+            raise ls.ValidationError(f"save_checkpoints: a checkpoint_id appears twice in one call ({ids!r})")
+        given = [i for i, item in zip(ids, items, strict=True) if item.get("checkpoint_id") is not None]
+        with self.store.transaction():
+            self._check_session(session_id)
+            if not built:
+                return ids
+            if given and self.checkpoints.find(where={"checkpoint_id": {"in": given}}, fields=[], limit=1):
+                for item in items:  # some are saved again: their sessions' best may move either way
+                    self.save_checkpoint(session_id, **item)
+                return ids
+            self._put_new_checkpoints([row for row, _ in built])
+            self.states.put_many([{"checkpoint_id": row["checkpoint_id"], "session_id": session_id, "state": state}
+                                  for row, state in built if state is not None])
+            self.history.put_many([self._entry(row["checkpoint_id"], session_id, "created", {"phi": row["phi"]})
+                                   for row, _ in built])
+        return ids
+
+    def _new_checkpoint(self, session_id: Any, args: Mapping[str, Any]) -> tuple[dict[str, Any], bytes | None]:
+        """A checkpoint row (``is_best`` not yet set) and its encoded state, from ``save_checkpoint``'s arguments."""
+        unknown = set(args) - _SAVE_ARGS
+        if unknown:
+            raise ls.ValidationError(
+                f"checkpoints: unknown argument(s) {sorted(unknown)}; expected some of {sorted(_SAVE_ARGS)}"
+            )
+        if "phi" not in args:
+            raise ls.ValidationError("checkpoints: phi is required")
+        given = args.get("checkpoint_id")
+        cid = new_id() if given is None else given
+        if not isinstance(cid, str) or not cid:
+            raise ls.ValidationError(f"checkpoints: checkpoint_id must be a non-empty string, got {cid!r}")
+        where = f"checkpoints[{cid!r}]"
+        kappa, created_at = args.get("kappa"), args.get("created_at")
+        row = {
+            "checkpoint_id": cid, "session_id": session_id, "phi": finite(args["phi"], f"{where}.phi"),
+            "kappa": None if kappa is None else finite(kappa, f"{where}.kappa"), "regime": args.get("regime"),
+            "basin_coords": args.get("basin_coords"), "metadata": args.get("metadata") or {},
+            "created_at": now() if created_at is None else to_epoch(created_at, f"{where}.created_at"),
+        }
+        return row, encode_state(args.get("state_dict"))
+
+    def _put_new_checkpoints(self, rows: list[dict[str, Any]]) -> None:
+        """Write new checkpoint rows of one session, flagging ``is_best`` as saving them one by one would.
+
+        The flag goes to the first of the new rows that ranks highest, if it outranks the
+        session's current best, which then loses the flag (one partial update).
+        """
+        sid = rows[0]["session_id"]
         holders = self.checkpoints.find(where={"session_id": sid, "is_best": True}, fields=["phi", "created_at"])
         if not holders:  # a first checkpoint, or a session whose best was deleted behind the kit's back
             holders = self.checkpoints.find(where={"session_id": sid}, fields=["phi", "created_at", "is_best"],
                                             order_by=[*BEST_ORDER], limit=1)
-        row["is_best"] = all(_outranks(row, h) for h in holders)
-        self.checkpoints.put(row)
-        if row["is_best"]:
+        top = rows[0]
+        for row in rows:
+            row["is_best"] = False
+            if _outranks(row, top):
+                top = row
+        top["is_best"] = all(_outranks(top, h) for h in holders)
+        self.checkpoints.put_many(rows)
+        if top["is_best"]:
             self.checkpoints.update_many({h["checkpoint_id"]: {"is_best": False} for h in holders if h.get("is_best", True)})
 
     def _fix_best(self, session_ids: Iterable[str]) -> None:
@@ -103,8 +165,13 @@ class Checkpoints:
         self.checkpoints.update_many(changes)
 
     def _log(self, checkpoint_id: str, session_id: str, action: str, details: dict[str, Any]) -> None:
-        self.history.put({"history_id": new_id(), "checkpoint_id": checkpoint_id, "session_id": session_id,
-                          "action": action, "timestamp": now(), "details": details})
+        self.history.put(self._entry(checkpoint_id, session_id, action, details))
+
+    @staticmethod
+    def _entry(checkpoint_id: str, session_id: str, action: str, details: dict[str, Any]) -> dict[str, Any]:
+        """A history entry (a row of ``checkpoint_history``), stamped now."""
+        return {"history_id": new_id(), "checkpoint_id": checkpoint_id, "session_id": session_id,
+                "action": action, "timestamp": now(), "details": details}
 
     def ranks(self, session_ids: Iterable[str]) -> dict[str, int]:
         """The rank of every checkpoint of these sessions: 1 = highest phi in its session (ties: older first)."""
