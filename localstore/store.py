@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import logging
 import os
+import shutil
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import apsw
 import msgpack
 
 from . import checksums as checksums_mod
-from . import clock
+from . import clock, walcheck
 from . import schema as schema_mod
 from ._sqlite import (
     DEFAULT_BUSY_TIMEOUT_MS,
@@ -39,6 +41,7 @@ from ._sqlite import (
 )
 from .derived import DerivedIndexes
 from .errors import (
+    CorruptStoreError,
     InvalidNameError,
     LocalStoreError,
     SchemaError,
@@ -97,6 +100,7 @@ class Store:
         max_messages_per_key: int | None = None,
         vfs: str | None = None,
         checksums: bool = False,
+        wal_damage: str = "raise",
     ) -> None:
         self.path = os.fspath(path)
         from .keys import DEFAULT_MAX_MESSAGES, KeyRing, resolve_master
@@ -107,7 +111,12 @@ class Store:
         check_vfs(vfs, self.path)  # before the file is created, so a typo leaves nothing behind
         if os.path.isdir(self.path):
             raise StoreOpenError(f"{self.path} is a directory; a store is a single file, e.g. {self.path}/agent.db")
+        if wal_damage not in WAL_DAMAGE:
+            raise StoreOpenError(f"wal_damage must be one of {', '.join(WAL_DAMAGE)}, got {wal_damage!r}")
         header = _read_header(self.path)  # None: no file yet
+        if header is not None:
+            # Before SQLite reads the WAL: once it has, frames past a damaged one are gone without a trace.
+            _check_wal(self.path, header, wal_damage)
         # A file that keeps page checksums is always opened through cksumvfs, so no writer
         # of ours can leave its checksums stale.
         use_checksums = bool(checksums) or (header is not None and checksums_mod.header_enabled(header))
@@ -193,7 +202,7 @@ class Store:
                     conn.execute("ROLLBACK")
             conn.close()
 
-    def __enter__(self) -> Store:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -419,7 +428,11 @@ class Store:
         """Check SQLite integrity, the schema, and the change log against the data; return a report."""
         from .maintenance import verify
 
-        return verify(self)
+        report = verify(self)
+        damage = walcheck.check_live(self.path, _read_header(self.path))
+        if damage is not None:
+            report.problems.append(f"{damage.describe()}; readers see unchecked frames: restore from a backup")
+        return report
 
     def optimize(self, *, vacuum: bool | None = None) -> dict[str, Any]:
         """Rebuild fragmented vector indexes, refresh statistics, vacuum if worth it, truncate the WAL.
@@ -537,6 +550,30 @@ def _check_file(conn: apsw.Connection, path: str, checksums: bool) -> None:
         checksums_mod.prepare(conn, path)
 
 
+#: What ``open`` does with a WAL whose damage would silently drop committed transactions.
+WAL_DAMAGE = ("raise", "discard")
+
+log = logging.getLogger(__name__)
+
+
+def _check_wal(path: str, header: bytes, wal_damage: str) -> None:
+    """Refuse (or, with ``wal_damage="discard"``, set aside a copy of) a WAL SQLite would silently truncate."""
+    damage = walcheck.check_file(path, header)
+    if damage is None:
+        return
+    if wal_damage == "raise":
+        raise CorruptStoreError(
+            f"{damage.describe()}. Nothing was changed. Restore the store from a backup (or a sync), or accept "
+            f"the loss with localstore.open({path!r}, wal_damage='discard'), which keeps a copy of the WAL "
+            f"as {path}-wal.damaged and opens the store as of frame {damage.kept}."
+        )
+    target = f"{path}-wal.damaged"
+    create_private_file(target)  # 0600 from the start; an older copy is overwritten
+    shutil.copyfile(f"{path}-wal", target)
+    os.chmod(target, 0o600)
+    log.warning("%s; a copy of the WAL is kept at %s", damage.describe(), target)
+
+
 def _read_header(path: str) -> bytes | None:
     """The first 100 bytes of the file (SQLite's header; fewer if it is shorter), or None if there is no file."""
     try:
@@ -561,6 +598,7 @@ def open(
     max_messages_per_key: int | None = None,
     vfs: str | None = None,
     checksums: bool = False,
+    wal_damage: str = "raise",
 ) -> Store:
     """Open one agent's store at ``path``, creating it (mode 0600) if missing.
 
@@ -580,11 +618,17 @@ def open(
     cksumvfs): a flipped byte anywhere is then a ``CorruptStoreError``, not a changed
     value. A file made so is always opened with checksums; convert an existing one
     with ``localstore.checksums.convert(path)``.
+
+    A WAL left by a crash is checked before SQLite reads it: if a damaged frame would
+    make SQLite silently drop transactions committed after it, ``open`` raises
+    ``CorruptStoreError`` and changes nothing (see ``localstore.walcheck``).
+    ``wal_damage="discard"`` accepts the loss instead: it keeps a copy of the WAL as
+    ``PATH-wal.damaged`` and opens the store as of the last intact commit.
     """
     return Store(
         path, durability=durability, busy_timeout_ms=busy_timeout_ms, create=create, vector_cache=vector_cache,
         key=key, key_file=key_file, keys_from=keys_from, max_messages_per_key=max_messages_per_key, vfs=vfs,
-        checksums=checksums,
+        checksums=checksums, wal_damage=wal_damage,
     )
 
 
