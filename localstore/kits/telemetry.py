@@ -9,6 +9,7 @@
     tm.record_emergency(sid, reason="phi collapse", severity="critical", metric="phi", value=0.1, threshold=0.3)
     tm.end_session(sid)                       # computes total_steps, avg_phi, max_phi, emergency_count
     tm.save_checkpoint(sid, phi=0.82, kappa=64.1, regime="geometric", basin_coords=p, state_dict={"w": w})
+    tm.save_checkpoints(sid, [{"phi": 0.8, "state_dict": s1}, {"phi": 0.9, "state_dict": s2}])  # one transaction
     tm.get_best_checkpoint(); tm.list_checkpoints(sid); tm.prune_checkpoints(keep=5)
     tm.latest_telemetry(); tm.best_checkpoints(); tm.emergency_summary(); tm.session_stats()
     tm.delete_telemetry_older_than(days=30)
@@ -24,7 +25,10 @@ by a partial update. A checkpoint's rank in its session (1 = highest phi, ties t
 the older) is computed when read (``ranks``, ``list_checkpoints``, ``load_checkpoint``),
 so saving costs the same at the thousandth checkpoint of a session as at the first.
 Stores written by earlier versions keep their states in ``checkpoints.state_dict``
-and are read as before.
+and are read as before. A process that saves large states often should open its
+store with ``ls.open(path, wal_checkpoint="background")``: SQLite's WAL checkpoints
+(copying each state a second time, into the database file, and syncing it) then run
+in a thread instead of inside every ~70th save, with the same durability.
 
 Keys. A telemetry record's key is ``"<session_id>#<step, 12 digits>"`` (basin
 history likewise), so re-recording a step replaces it, a session's records are one
