@@ -59,6 +59,10 @@ def backup(store: Store, path: str, *, progress: Callable[[int, int], Any] | Non
                     f"store {store.path}: backup cannot run inside this store's own transaction; call it after the block"
                 )
             source = store._db
+            if store.vfs == checksums.VFS_NAME and checksums.enabled(store.path):
+                # cksumvfs learns that a file keeps checksums from its first page; a fresh,
+                # empty copy would take pages spilled before page 1 without them.
+                checksums.create(tmp)
             with boundary(tmp, "opening the backup file"):
                 dest = apsw.Connection(tmp, vfs=store.vfs)
             try:
