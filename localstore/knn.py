@@ -232,6 +232,25 @@ class VectorCache:
             out[:, start : start + len(block)] = np.abs(block[None, :, :] - queries[:, None, :]).sum(axis=2)
         return out
 
+    def rescore(self, rowids: Sequence[int], blobs: Sequence[bytes], query: np.ndarray, k: int) -> list[tuple[int, float]]:
+        """The ``k`` nearest of these stored float32 rows to one query, all in float64, ties by rowid.
+
+        No float32 step (the matrix's centring included), so a row's distance does not
+        depend on which other rows are scored with it. Uses the metric only, not the matrix.
+        """
+        if not rowids:
+            return []
+        rows = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), self.dim).astype(np.float64)
+        probe = np.asarray(query, dtype=np.float64)[None, :]
+        exact = self._exact(self._prepare_exact(rows), self._prepare_exact(probe)[0])
+        ids = np.asarray(rowids, dtype=np.int64)
+        order = np.lexsort((ids, exact))[:k]
+        return [(int(ids[i]), float(exact[i])) for i in order]
+
+    def _prepare_exact(self, vectors: np.ndarray) -> np.ndarray:
+        """``_prepare`` without the centring: in float64 an L2 difference loses nothing."""
+        return vectors if self.metric == "l2" else self._prepare(vectors)
+
     def _exact(self, rows: np.ndarray, query: np.ndarray) -> np.ndarray:
         """Distances from prepared float64 ``rows`` to one prepared float64 query, by the metric's formula."""
         if self.metric == "cosine":

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from ._sqlite import boundary, quote
-from .errors import QueryError, ValidationError
+from .errors import QueryError, ReadOnlyStoreError, StoreBusyError, ValidationError
 from .fields import Vector
 from .query import compile_where
 from .search import DEFAULT_FUSION_DEPTH, DEFAULT_FUSION_MIN, DEFAULT_RRF_K, SearchHit, fuse
@@ -30,6 +30,11 @@ if TYPE_CHECKING:
 MAX_K = 4096
 
 ENGINES = ("auto", "cache", "vec0")
+
+#: Rows waiting for a vec0 index's catch-up that a query outside a transaction scores itself,
+#: beside the index, rather than writing the catch-up (which takes the write lock and commits).
+#: 0 makes every such query catch up first.
+DEFAULT_PENDING_SCAN = 2048
 
 
 class Hit(NamedTuple):
@@ -132,47 +137,88 @@ def nearest(
             results = cache.search(queries, k, mask)
         else:
             index = coll._derived.vectors[field]
-            _catch_up(coll, index)
-            results = [_vec0_exact(coll, spec, index, q, k, where) for q in queries]
+            through = _catch_up(coll, index)
+            waiting = _waiting_rowids(coll, spec, through, conditions) if through is not None else []
+            results = [_vec0_exact(coll, spec, index, q, k, where, waiting) for q in queries]
         rows = _rows_by_rowid(coll, sorted({r for result in results for r, _ in result}))
     hits = [[Hit(rows[r][coll.key], rows[r], d) for r, d in result if r in rows] for result in results]
     return hits if batch else hits[0]
 
 
-def _catch_up(coll: Collection, index: Any) -> None:
-    """Index the rows waiting above the vec0 index's high-water rowid before it is read.
+def _catch_up(coll: Collection, index: Any) -> int | None:
+    """Make the vec0 index answer for every row; return W when the rows above it must be scanned instead.
 
-    Inside a transaction the catch-up joins it (and is rolled back with it); outside,
-    a cheap check comes first, and only a pending index costs a write transaction.
+    Inside a transaction the catch-up joins it (and is rolled back with it). Outside,
+    a few waiting rows are scanned beside the index, exactly, so a reader writes
+    nothing; more are caught up in a write transaction of their own, unless another
+    writer holds the lock past the busy timeout or the file is read-only.
     """
     store = coll.store
     db = store._db
     if store._depth:
         index.catch_up(db)
-    elif index.pending(db):
+        return None
+    waiting = index.waiting(db, DEFAULT_PENDING_SCAN + 1)
+    if waiting is None:
+        return None
+    through, count = waiting
+    if count <= DEFAULT_PENDING_SCAN:
+        return int(through)
+    try:
         with store.transaction():
             index.catch_up(store._db)
+    except (StoreBusyError, ReadOnlyStoreError):
+        return int(through)
+    return None
 
 
-def _vec0_exact(coll: Collection, spec: Vector, index: Any, query: np.ndarray, k: int, where: Any) -> list[tuple[int, float]]:
+def _waiting_rowids(coll: Collection, spec: Vector, through: int, conditions: list[tuple[str, str, Any]]) -> list[int]:
+    """The rows above a vec0 index's high-water rowid that have a vector and meet ``conditions``.
+
+    The conditions are tested as the vector cache tests them (``knn.FilterColumn``),
+    which is what vec0 matches, NULLs included.
+    """
+    from .knn import FilterColumn
+    from .vector_caches import FILTER_KINDS
+
+    names = list(dict.fromkeys(name for name, _, _ in conditions))
+    cols = ", ".join(["rowid", *(quote(n) for n in names)])
+    rows = coll.store._db.execute(
+        f"SELECT {cols} FROM {coll.schema.table} WHERE rowid > ? AND {quote(spec.name)} IS NOT NULL", (through,)
+    ).fetchall()
+    keep = np.ones(len(rows), dtype=bool)
+    for i, name in enumerate(names, start=1):
+        column = FilterColumn(FILTER_KINDS[coll.fields[name].type_name])
+        column.resize(len(rows), 0)
+        column.put(slice(0, len(rows)), [r[i] for r in rows])
+        for field, op, value in conditions:
+            if field == name:
+                keep &= column.test(op, value, len(rows))
+    return [int(r[0]) for r, chosen in zip(rows, keep) if chosen]
+
+
+def _vec0_exact(
+    coll: Collection, spec: Vector, index: Any, query: np.ndarray, k: int, where: Any, waiting: list[int]
+) -> list[tuple[int, float]]:
     """KNN through sqlite-vec, then exact float64 rescoring with the vectors kept in the rows.
 
     vec0 ranks in float32 (or on quantized codes), so it fetches a margin of extra
-    candidates; rescoring restores exact order and distances.
+    candidates; rescoring restores exact order and distances. ``waiting`` rows (not
+    in vec0 yet) join the candidates and are scored the same way.
     """
     from .knn import VectorCache
     from .vectors import DEFAULT_OVERSAMPLE
 
     fetch = min(MAX_K, k * DEFAULT_OVERSAMPLE[spec.quantize] + 16)
     rowids = index.knn(coll.store._db, query, fetch, where)
+    if waiting:
+        rowids = list(dict.fromkeys([*rowids, *waiting]))
     if not rowids:
         return []
     sql = f"SELECT rowid, {quote(spec.name)} FROM {coll.schema.table} WHERE rowid IN (SELECT value FROM json_each(?))"
     stored = dict(coll.store._db.execute(sql, (json.dumps(rowids),)))
     ids = [r for r in rowids if stored.get(r) is not None]
-    scratch = VectorCache(spec.metric, spec.dim)
-    scratch.load(ids, [stored[r] for r in ids])
-    return scratch.search(query[None, :], k)[0]
+    return VectorCache(spec.metric, spec.dim).rescore(ids, [stored[r] for r in ids], query, k)
 
 
 def search(

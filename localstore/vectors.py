@@ -223,11 +223,18 @@ class VectorIndex(VirtualIndex):
         top = scalar(db, f"SELECT max(rowid) FROM {self.schema.table}")
         return None if top is None else int(top)
 
-    def pending(self, db: apsw.Connection) -> bool:
-        """Whether rows above W wait to be indexed: two b-tree lookups, for readers outside a transaction."""
+    def waiting(self, db: apsw.Connection, limit: int) -> tuple[int, int] | None:
+        """(W, rows above W, counted up to ``limit``) when rows wait for the catch-up, else None.
+
+        Cheap (b-tree lookups and a bounded range count), for readers outside a transaction.
+        """
         found = self.high_water(db)
         top = self._top(db) if found is not None else None
-        return top is not None and top > found  # type: ignore[operator]
+        if top is None or found is None or top <= found:
+            return None
+        count = scalar(db, f"SELECT count(*) FROM (SELECT 1 FROM {self.schema.table} WHERE rowid > ? LIMIT ?)",
+                       (found, limit))
+        return found, int(count)
 
     def catch_up(self, db: apsw.Connection) -> int:
         """Index every row above W in bulk, then raise W to the largest rowid; return the rows indexed.

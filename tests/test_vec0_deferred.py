@@ -20,9 +20,35 @@ import pytest
 import sqlite_vec
 
 import localstore as ls
+import localstore.nearest as nearest_module
 
 ROOT = Path(__file__).resolve().parent.parent
 DIM = 8
+
+
+@pytest.fixture(autouse=True, params=["catch-up", "scan"])
+def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """How a vec0 query outside a transaction meets waiting rows: it catches up, or it scans them beside the index."""
+    monkeypatch.setattr(nearest_module, "DEFAULT_PENDING_SCAN", 0 if request.param == "catch-up" else 10**9)
+    return str(request.param)
+
+
+def scanning() -> bool:
+    return nearest_module.DEFAULT_PENDING_SCAN > 0
+
+
+def settled(path: Path | str, collection: str = "docs") -> None:
+    """After vec0 queries: every row indexed (catch-up), or the index a consistent subset (scan)."""
+    if scanning():
+        assert indexed(path, collection) <= live_rowids(path, collection)
+    else:
+        assert indexed(path, collection) == live_rowids(path, collection)
+
+
+def catch_up(store: ls.Store, coll: ls.Collection) -> None:
+    """Catch the index up whatever the mode: a vec0 query inside a transaction always does."""
+    with store.transaction():
+        coll.nearest("v", np.ones(DIM, dtype=np.float32), k=1, engine="vec0")
 
 
 def raw(path: Path | str) -> apsw.Connection:
@@ -109,12 +135,15 @@ def test_put_many_skips_vec0_and_the_first_vec0_query_catches_up(tmp_path: Path)
     assert store.verify().ok  # pending rows are not damage
     queries = vectors(rng, 3)
     assert_same(coll, coll, queries)
+    settled(store.path)
+    catch_up(store, coll)
     assert indexed(store.path) == live_rowids(store.path)
     assert high_water(store.path) == 300
     coll.put_many(rows(rng, [f"j{i}" for i in range(50)]))
     assert len(indexed(store.path)) == 300 and high_water(store.path) == 300
     assert_same(coll, coll, queries)
-    assert indexed(store.path) == live_rowids(store.path) and high_water(store.path) == 350
+    settled(store.path)
+    assert high_water(store.path) == (300 if scanning() else 350)
     assert store.verify().ok
     store.close()
 
@@ -150,7 +179,7 @@ def test_several_handles_and_a_child_process_agree(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
     assert_same(cb, ca, queries)
     assert_same(ca, ca, queries)  # a's vec0 path reads the index b caught up
-    assert indexed(path) == live_rowids(path)
+    settled(path)
     for s in (a, b):
         report = s.verify()
         assert report.ok, report.problems
@@ -165,13 +194,14 @@ def test_rolled_back_inserts_and_catch_ups_leave_the_index_consistent(tmp_path: 
     queries = vectors(rng, 2)
     coll.put_many(rows(rng, [f"k{i}" for i in range(100)]))
     assert_same(coll, coll, queries)
+    catch_up(store, coll)
     w = high_water(store.path)
     with pytest.raises(RuntimeError), store.transaction():
         coll.put_many(rows(rng, [f"x{i}" for i in range(60)]))
         coll.nearest("v", queries[0], k=3, engine="vec0")  # catches up inside the transaction
         assert high_water(store.path) == w  # another connection sees nothing yet
         raise RuntimeError("roll back")
-    assert high_water(store.path) == w and indexed(store.path) == live_rowids(store.path)
+    assert high_water(store.path) == w == 100 and indexed(store.path) == live_rowids(store.path)
     coll.put_many(rows(rng, [f"y{i}" for i in range(30)]))
     with store.transaction():
         coll.put({"id": "z", "kind": "a", "n": 1, "v": vectors(rng, 1)[0]})
@@ -180,7 +210,7 @@ def test_rolled_back_inserts_and_catch_ups_leave_the_index_consistent(tmp_path: 
             raise RuntimeError("roll back the savepoint")
     assert high_water(store.path) == w
     assert_same(coll, coll, queries)
-    assert indexed(store.path) == live_rowids(store.path)
+    settled(store.path)
     assert store.verify().ok
     store.close()
 
@@ -209,7 +239,8 @@ def test_deletes_and_rowid_reuse(tmp_path: Path) -> None:
     coll = declare(store)
     queries = vectors(rng, 2)
     coll.put_many(rows(rng, [f"k{i}" for i in range(100)]))
-    assert_same(coll, coll, queries)  # W = 100
+    assert_same(coll, coll, queries)
+    catch_up(store, coll)  # W = 100
     coll.delete_many([f"k{i}" for i in range(95, 100)])  # rowids 96..100 gone
     coll.put_many(rows(rng, ["r1", "r2"]))  # rowids 96, 97: at or below W, indexed now
     assert {96, 97} <= indexed(store.path)
@@ -220,7 +251,7 @@ def test_deletes_and_rowid_reuse(tmp_path: Path) -> None:
     coll.put_many(rows(rng, ["q1"]))  # reuses rowid 106, above W
     assert store.verify().ok
     assert_same(coll, coll, queries)
-    assert indexed(store.path) == live_rowids(store.path)
+    settled(store.path)
     coll.delete_many(coll.keys())
     coll.put_many(rows(rng, ["again"]))  # rowid 1 <= W: indexed at once
     assert indexed(store.path) == {1}
@@ -236,12 +267,13 @@ def test_integer_keys_zero_negative_and_below_w(tmp_path: Path) -> None:
     queries = vectors(rng, 2)
     coll.put_many(rows(rng, [-(2**63), -5, 0, 3, 10]))
     assert_same(coll, coll, queries)
-    assert high_water(store.path) == 10
+    catch_up(store, coll)
+    assert high_water(store.path) == 10 and indexed(store.path) == live_rowids(store.path)
     coll.put_many(rows(rng, [-7, 4, 11, 2**40]))  # -7 and 4 below W: indexed at once
     assert {-7, 4} <= indexed(store.path) and 11 not in indexed(store.path)
     assert store.verify().ok
     assert_same(coll, coll, queries)
-    assert indexed(store.path) == live_rowids(store.path)
+    settled(store.path)
     coll.put_many(rows(rng, [2**63 - 1]))
     assert_same(coll, coll, queries)
     assert store.reindex()["docs"]["vec:v"] == 10
@@ -258,11 +290,11 @@ def test_catch_up_builds_the_same_index_as_reindex(tmp_path: Path, options: dict
     coll = declare(store, **options)
     coll.put_many(rows(rng, [f"k{i}" for i in range(120)], metric))
     queries = vectors(rng, 3, metric)
-    coll.nearest("v", queries[0], k=1)  # catch-up of the first 120
+    catch_up(store, coll)  # the first 120
     coll.put_many(rows(rng, [f"j{i}" for i in range(80)], metric))
     coll.update_many({"k3": {"kind": "b"}, "j5": {"kind": "b"}, "k4": {"v": vectors(rng, 1, metric)[0]}})
     lazy = answers(coll, "vec0", queries)
-    assert indexed(store.path) == live_rowids(store.path)
+    settled(store.path)
     store.reindex()
     assert answers(coll, "vec0", queries) == lazy
     assert store.verify().ok
@@ -278,7 +310,8 @@ def test_updates_of_pending_and_indexed_rows(tmp_path: Path) -> None:
     coll = declare(store)
     queries = vectors(rng, 3)
     coll.put_many(rows(rng, [f"k{i}" for i in range(60)]))
-    assert_same(coll, coll, queries)  # k0..k59 indexed
+    assert_same(coll, coll, queries)
+    catch_up(store, coll)  # k0..k59 indexed
     coll.put_many(rows(rng, [f"p{i}" for i in range(40)]))  # pending
     vs = vectors(rng, 6)
     coll.update_many({
@@ -291,7 +324,8 @@ def test_updates_of_pending_and_indexed_rows(tmp_path: Path) -> None:
     assert 4 not in indexed(store.path)  # k3 (rowid 4) lost its vector
     assert store.verify().ok
     assert_same(coll, coll, queries)
-    assert indexed(store.path) == live_rowids(store.path)
+    settled(store.path)
+    catch_up(store, coll)
     coll.update("p3", {"v": vs[4]})  # back from None, now below W
     coll.update("k2", {"kind": "a"})
     assert_same(coll, coll, queries)
@@ -307,7 +341,7 @@ def test_an_old_store_without_a_high_water_mark(tmp_path: Path) -> None:
     coll = declare(store)
     queries = vectors(rng, 2)
     coll.put_many(rows(rng, [f"k{i}" for i in range(80)]))
-    coll.nearest("v", queries[0], k=1, engine="vec0")  # complete, as an old store's index is
+    catch_up(store, coll)  # complete, as an old store's index is
     store.close()
     conn = raw(path)
     conn.execute("DROP TABLE _ls_vec_state")  # what a store written before W looks like
@@ -324,7 +358,7 @@ def test_an_old_store_without_a_high_water_mark(tmp_path: Path) -> None:
     assert store.verify().ok
     cached = ls.open(path)
     assert_same(coll, cached.collection("docs"), queries)
-    assert indexed(path) == live_rowids(path)
+    settled(path)
     cached.close()
     store.close()
 
@@ -334,7 +368,7 @@ def test_verify_flags_a_missing_entry_below_w_and_reindex_repairs_it(tmp_path: P
     store = ls.open(tmp_path / "s.db")
     coll = declare(store)
     coll.put_many(rows(rng, [f"k{i}" for i in range(50)]))
-    coll.nearest("v", vectors(rng, 1)[0], k=1, engine="vec0")
+    catch_up(store, coll)
     coll.put_many(rows(rng, [f"p{i}" for i in range(20)]))  # pending: fine
     conn = raw(store.path)
     conn.execute('DELETE FROM "_ls_vec.docs.v" WHERE rowid = 7')  # damage below W
@@ -353,13 +387,14 @@ def test_entries_above_w_left_by_a_writer_unaware_of_w_are_replaced(tmp_path: Pa
     coll = declare(store)
     queries = vectors(rng, 2)
     coll.put_many(rows(rng, [f"k{i}" for i in range(40)]))
-    coll.nearest("v", queries[0], k=1, engine="vec0")  # W = 40
+    catch_up(store, coll)  # W = 40
     coll.put_many(rows(rng, [f"p{i}" for i in range(10)]))  # 41..50 pending
     conn = raw(store.path)
     blob = vectors(rng, 1)[0].tobytes()
     conn.execute('INSERT INTO "_ls_vec.docs.v"(rowid, embedding, m_kind, m_n) VALUES(45, ?, \'z\', 0)', (blob,))
     conn.close()
     assert_same(coll, coll, queries)
+    catch_up(store, coll)
     assert indexed(store.path) == live_rowids(store.path)
     assert store.verify().ok
     store.close()
@@ -371,12 +406,12 @@ def test_backup_and_optimize_with_pending_rows(tmp_path: Path) -> None:
     coll = declare(store)
     queries = vectors(rng, 2)
     coll.put_many(rows(rng, [f"k{i}" for i in range(100)]))
-    coll.nearest("v", queries[0], k=1, engine="vec0")
+    catch_up(store, coll)
     coll.put_many(rows(rng, [f"p{i}" for i in range(40)]))
     copy = ls.open(store.backup(tmp_path / "copy.db"))
     assert high_water(copy.path) == 100 and copy.verify().ok
     assert_same(copy.collection("docs"), coll, queries)
-    assert high_water(copy.path) == 140
+    assert high_water(copy.path) == (100 if scanning() else 140)
     copy.close()
     coll.put_many(rows(rng, [f"q{i}" for i in range(20)]))
     store.optimize()
@@ -393,7 +428,7 @@ def test_search_through_vec0_sees_fresh_rows(tmp_path: Path) -> None:
     docs.put_many([{"id": f"n{i}", "body": f"drift {i}" if i % 3 == 0 else "calm", "v": vs[i]} for i in range(30)])
     assert docs.search(vector=vs[4], k=1)[0].key == "n4"
     assert {h.key for h in docs.search(text="drift", vector=vs[4], k=30)} == {f"n{i}" for i in range(30)}
-    assert indexed(store.path, "notes") == set(range(1, 31))
+    settled(store.path, "notes")
     assert store.verify().ok
     store.close()
 
@@ -420,5 +455,27 @@ def test_a_child_crashing_during_a_catch_up_changes_nothing(tmp_path: Path) -> N
     assert high_water(path) == 0 - 2**63 and indexed(path) == set()
     assert coll.get("crash") is None and store.verify().ok
     assert_same(coll, coll, queries)
-    assert indexed(path) == live_rowids(path)
+    settled(path)
     store.close()
+
+
+def test_a_reader_blocked_by_a_long_writer_scans_the_waiting_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Too many rows wait to scan, but another handle holds the write lock: the query scans them anyway."""
+    import localstore._sqlite as sqlite_module
+
+    monkeypatch.setattr(nearest_module, "DEFAULT_PENDING_SCAN", 10)
+    monkeypatch.setitem(sqlite_module.retry_busy.__kwdefaults__, "deadline_s", 0.2)
+    rng = np.random.default_rng(16)
+    path = tmp_path / "s.db"
+    writer = ls.open(path)
+    coll = declare(writer)
+    coll.put_many(rows(rng, [f"k{i}" for i in range(200)]))
+    reader = ls.open(path, vector_cache=False, busy_timeout_ms=20)
+    queries = vectors(rng, 2)
+    with writer.transaction():
+        writer._db.execute("UPDATE _ls_meta SET value = value WHERE key = 'format'")  # holds the write lock
+        got = [[h.key for h in reader.collection("docs").nearest("v", q, k=5, engine="vec0")] for q in queries]
+    assert indexed(path) == set()  # nothing was written by the reader
+    assert got == [[h.key for h in coll.nearest("v", q, k=5, engine="cache")] for q in queries]
+    reader.close()
+    writer.close()

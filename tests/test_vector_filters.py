@@ -17,6 +17,15 @@ DIM = 16
 N = 800
 FAR = range(790, 800)  # rows whose vectors sit far from the origin query, with rare filter values
 
+
+@pytest.fixture(autouse=True, params=["catch-up", "scan"])
+def vec0_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run every vec0 query both ways: after catching the index up, and scanning fresh rows beside it."""
+    import localstore.nearest
+
+    monkeypatch.setattr(localstore.nearest, "DEFAULT_PENDING_SCAN", 0 if request.param == "catch-up" else 10**9)
+    return str(request.param)
+
 _COMPARE: dict[str, Callable[[Any, Any], bool]] = {
     "=": operator.eq, "==": operator.eq, "!=": operator.ne,
     "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
