@@ -720,7 +720,7 @@ def bench_insert(report: Report, scratch: Scratch, sizes: Sizes) -> None:
         "embedding": ls.Vector(dim),
     }
 
-    def ours_case(name: str, label: str, sync: bool) -> Case:
+    def ours_case(name: str, label: str, sync: bool, then_vec0: bool = False) -> Case:
         def setup() -> tuple[str, ls.Store, Any]:
             path = scratch.path(name)
             store = ls.open(path)
@@ -730,9 +730,12 @@ def bench_insert(report: Report, scratch: Scratch, sizes: Sizes) -> None:
             state[1].close()
             scratch.remove(state[0])
 
-        return Case(
-            name, lambda s: s[2].put_many(rows), setup, teardown, items=n, unit="row", label=label
-        )
+        def run(state: tuple[str, ls.Store, Any]) -> None:
+            state[2].put_many(rows)
+            if then_vec0:  # the first vec0 query indexes the fresh rows in bulk (its catch-up)
+                state[2].nearest("embedding", matrix[0], k=10, engine="vec0")
+
+        return Case(name, run, setup, teardown, items=n, unit="row", label=label)
 
     def raw_setup() -> tuple[str, apsw.Connection]:
         path = scratch.path("insert-raw")
@@ -747,7 +750,7 @@ def bench_insert(report: Report, scratch: Scratch, sizes: Sizes) -> None:
         state[1].close()
         scratch.remove(state[0])
 
-    def raw_insert(state: tuple[str, apsw.Connection]) -> None:
+    def raw_insert(state: tuple[str, apsw.Connection], vec0: bool = True) -> None:
         conn = state[1]
         blobs = [r["embedding"].tobytes() for r in rows]
         conn.execute("BEGIN IMMEDIATE")
@@ -755,11 +758,12 @@ def bench_insert(report: Report, scratch: Scratch, sizes: Sizes) -> None:
             f"INSERT INTO {COLLECTION}(id, kind, embedding) VALUES(?, ?, ?)",
             [(r["id"], r["kind"], b) for r, b in zip(rows, blobs)],
         )
-        # A fresh table numbers its rows 1..n, so the vec0 rowids follow the same order.
-        conn.executemany(
-            "INSERT INTO vecs(rowid, embedding, kind) VALUES(?, ?, ?)",
-            [(i + 1, b, r["kind"]) for i, (r, b) in enumerate(zip(rows, blobs))],
-        )
+        if vec0:
+            # A fresh table numbers its rows 1..n, so the vec0 rowids follow the same order.
+            conn.executemany(
+                "INSERT INTO vecs(rowid, embedding, kind) VALUES(?, ?, ?)",
+                [(i + 1, b, r["kind"]) for i, (r, b) in enumerate(zip(rows, blobs))],
+            )
         conn.execute("COMMIT")
 
     report.add(
@@ -773,6 +777,12 @@ def bench_insert(report: Report, scratch: Scratch, sizes: Sizes) -> None:
                     f"put_many  {n // 1000}k rows, {dim}-d vector (sync=False)",
                     False,
                 ),
+                ours_case(
+                    "insert.ours_vec0",
+                    f"put_many  {n // 1000}k rows + first vec0 query (catch-up)",
+                    True,
+                    then_vec0=True,
+                ),
                 Case(
                     "insert.raw",
                     raw_insert,
@@ -781,6 +791,15 @@ def bench_insert(report: Report, scratch: Scratch, sizes: Sizes) -> None:
                     items=n,
                     unit="row",
                     label=f"insert    raw apsw: table + vec0, {n // 1000}k rows",
+                ),
+                Case(
+                    "insert.raw_rows",
+                    lambda s: raw_insert(s, vec0=False),
+                    raw_setup,
+                    raw_teardown,
+                    items=n,
+                    unit="row",
+                    label=f"insert    raw apsw: table only, {n // 1000}k rows",
                 ),
             ],
             sizes.insert_repeat,
@@ -808,12 +827,65 @@ def bench_insert(report: Report, scratch: Scratch, sizes: Sizes) -> None:
     report.speed_ratio(
         "insert.vs_raw", "put_many / raw apsw table + vec0 (rows/s)", "insert.ours", "insert.raw"
     )
+    report.speed_ratio(
+        "insert.vs_raw_rows", "put_many / raw apsw table only (rows/s)", "insert.ours", "insert.raw_rows"
+    )
+    report.speed_ratio(
+        "insert.vec0_vs_raw",
+        "put_many + first vec0 query / raw apsw table + vec0 (rows/s)",
+        "insert.ours_vec0",
+        "insert.raw",
+    )
+    t = report.timings
+    report.figure(
+        Figure(
+            "insert.catch_up",
+            f"first vec0 query after put_many of {n:,} (its catch-up), median",
+            t["insert.ours_vec0"].median - t["insert.ours"].median,
+            "s",
+        )
+    )
     report.cost_ratio(
         "insert.changelog",
         "put_many: time sync=True / sync=False",
         "insert.ours",
         "insert.ours_nosync",
     )
+
+
+def bench_waiting(report: Report, scratch: Scratch, sizes: Sizes) -> None:
+    """A vec0 query with fresh rows waiting for the catch-up (scored beside the index) against one caught up."""
+    from localstore.nearest import DEFAULT_PENDING_SCAN
+
+    n, dim = sizes.insert_rows, sizes.insert_dim
+    waiting = max(1, min(DEFAULT_PENDING_SCAN, n // 5))
+    log(f"waiting: {n:,} indexed rows + {waiting:,} waiting, {dim}-d")
+    matrix = embeddings(n + waiting, dim, seed=9)
+    queries = embeddings(sizes.queries, dim, seed=10)
+    store = ls.open(scratch.path("waiting"))
+    coll = store.collection(COLLECTION, key="id", fields=query_fields(dim))
+    coll.put_many(query_rows(matrix[:n]))
+    with store.transaction():  # a vec0 query inside a transaction always catches up
+        coll.nearest("embedding", queries[0], k=10, engine="vec0")
+    coll.put_many(query_rows(matrix[n:], n))
+
+    def case(name: str, label: str) -> Case:
+        counter = itertools.count()
+
+        def run(i: int) -> None:
+            coll.nearest("embedding", queries[i], k=10, engine="vec0")
+
+        return Case(name, run, lambda: next(counter) % len(queries), label=label, unit="query")
+
+    report.add(*measure([case("waiting.scan", f"vec0 query, {waiting:,} rows waiting (scanned)")],
+                        sizes.queries, warmup=1, progress="vec0 with waiting rows"))
+    with store.transaction():
+        coll.nearest("embedding", queries[0], k=10, engine="vec0")
+    report.add(*measure([case("waiting.indexed", "vec0 query, every row indexed")],
+                        sizes.queries, warmup=1, progress="vec0 caught up"))
+    store.close()
+    report.cost_ratio("waiting.cost", f"vec0 query: {waiting:,} rows waiting / all indexed (p50 time)",
+                      "waiting.scan", "waiting.indexed")
 
 
 def bench_sweep(
@@ -987,6 +1059,7 @@ def run(quick: bool = False) -> Report:
         report.params["folder"] = os.path.dirname(root)
         scratch = Scratch(root)
         bench_insert(report, scratch, sizes)
+        bench_waiting(report, scratch, sizes)
         for dim in sizes.dims:
             bench_dim(report, scratch, sizes, dim)
         bench_quantized(report, scratch, sizes, isotropic=False)
