@@ -137,7 +137,7 @@ def connect(
         raise translate(exc, path) from None
     try:
         for step in SETUP_STEPS:
-            retry_busy(lambda: step(conn, opts), path=path)
+            retry_busy(lambda step=step: step(conn, opts), path=path)  # type: ignore[misc]
             if step is _step_busy_timeout and check is not None:
                 retry_busy(lambda: check(conn), path=path)
     except apsw.Error as exc:
@@ -178,7 +178,8 @@ def translate(exc: BaseException, store: str, action: str = "") -> LocalStoreErr
     if isinstance(exc, apsw.IOError) and getattr(exc, "extendedresult", None) == apsw.SQLITE_IOERR_DATA:
         return CorruptStoreError(
             f"{store}: a page fails its checksum{doing} (its bytes changed on disk); restore it from a backup "
-            "(store.backup) or from the central Postgres (localstore restore)"
+            "(store.backup) or from the central Postgres (localstore restore). If you changed the file on purpose "
+            "with a tool that does not keep page checksums (the sqlite3 shell), run: localstore checksums --refresh PATH"
         )
     if isinstance(exc, apsw.IOError):
         return LocalStoreError(f"{store}: I/O error{doing} ({exc}); check the disk, then run store.verify()")

@@ -8,10 +8,12 @@ in one read transaction, so a batch is a consistent snapshot.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import apsw
 import msgpack
 
 from ._sqlite import boundary, quote, scalar
@@ -152,9 +154,16 @@ class ChangeLog:
                 return self._read_batch(db, after, limit, max_bytes)
             db.execute("BEGIN")
             try:
-                return self._read_batch(db, after, limit, max_bytes)
-            finally:
-                db.execute("COMMIT")
+                batch = self._read_batch(db, after, limit, max_bytes)
+            except BaseException:
+                # SQLite may have ended the transaction itself (a page failing its checksum
+                # does): a COMMIT here would fail and hide the error that matters.
+                if not db.getautocommit():
+                    with contextlib.suppress(apsw.Error):
+                        db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return batch
 
         result: list[StoredChange] = store._run(read, "reading the change log")
         return result

@@ -1,4 +1,4 @@
-"""Opt-in page checksums for store files, through SQLite's checksum VFS shim (cksumvfs).
+"""Page checksums for store files (on for new stores), through SQLite's checksum VFS shim (cksumvfs).
 
 SQLite keeps no checksum on the pages of a database file (only on WAL frames), so
 a byte flipped on disk inside a plain Text or Real value reads back changed. Encrypted
@@ -13,13 +13,15 @@ and to the WAL alike, and verifies it as each page is read; a mismatch is the er
 ``SQLITE_IOERR_DATA`` (apsw.IOError, extended code 8202). Files that reserve no bytes
 pass through it unchanged, unchecked.
 
-Use::
+``ls.open`` creates every new store with checksums (``checksums=False`` opts out) and
+registers the shim before its first connection. Use::
 
     from localstore import checksums
-    checksums.create("data/kernel-7.db")                        # a new, empty store file with checksums
-    store = ls.open("data/kernel-7.db", vfs=checksums.register())
+    checksums.enabled("data/kernel-7.db")   # does this store keep page checksums?
+    checksums.convert("data/old.db")        # a store made before they were the default (closed): VACUUM with them
+    checksums.refresh("data/kernel-7.db")   # after a deliberate change by a tool without them (sqlite3 shell)
 
-    checksums.convert("data/old.db")                            # an existing store, closed: VACUUM with checksums
+or ``localstore checksums PATH [--convert | --refresh]``.
 
 Rules that follow from the design (they are SQLite's):
 
@@ -104,6 +106,26 @@ def register() -> str:
         if VFS_NAME not in apsw.vfs_names():
             raise ChecksumsUnavailableError(f"loading cksumvfs did not register a VFS named {VFS_NAME!r}")
         return VFS_NAME
+
+
+#: VFS names declared to pass every call through cksumvfs (see ``declare_layered``).
+_layered: set[str] = set()
+
+
+def declare_layered(name: str) -> None:
+    """Declare that the registered VFS ``name`` is built on cksumvfs (``apsw.VFS(name, base=VFS_NAME)``).
+
+    Checksummed stores may then be opened with ``vfs=name`` (a fault-injecting shim in
+    tests, say): every page still passes through cksumvfs, which keeps the checksums.
+    """
+    if name not in apsw.vfs_names():
+        raise StoreOpenError(f"no SQLite VFS named {name!r} is registered; register it before declaring it")
+    _layered.add(name)
+
+
+def passes_through(vfs: str | None) -> bool:
+    """Whether opening with ``vfs`` (None: the default) keeps page checksums current."""
+    return vfs is None or vfs == VFS_NAME or vfs in _layered
 
 
 def reserve_bytes(path: str | os.PathLike[str]) -> int | None:
@@ -194,6 +216,34 @@ def convert(path: str | os.PathLike[str]) -> None:
         conn.close()
     if not enabled(where):
         raise LocalStoreError(f"{where}: VACUUM kept the old page layout; page checksums are not on")
+
+
+def refresh(path: str | os.PathLike[str]) -> None:
+    """Recompute every page's checksum of a closed store after a deliberate change made without them.
+
+    For a file changed on purpose by a program that does not load cksumvfs (the
+    ``sqlite3`` shell, another language's SQLite): its pages then read as damaged. This
+    VACUUMs the file with checking off, so every page is rewritten with a fresh checksum.
+    It also makes real damage read as valid: if nobody changed the file on purpose,
+    restore it from a backup instead.
+    """
+    where = os.fspath(path)
+    register()
+    if not enabled(where):
+        raise StoreOpenError(f"{where} keeps no page checksums; there is nothing to refresh")
+    conn = apsw.Connection(where, vfs=VFS_NAME, flags=apsw.SQLITE_OPEN_READWRITE)
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute("PRAGMA checksum_verification = OFF")
+        mode = conn.execute("PRAGMA journal_mode").fetchall()[0][0]
+        conn.execute("PRAGMA journal_mode = DELETE")
+        conn.execute("VACUUM")
+        conn.execute(f"PRAGMA journal_mode = {mode}")
+    except apsw.Error as exc:
+        raise LocalStoreError(f"{where}: could not rewrite the store's page checksums ({exc}); "
+                              "close every connection to it and retry") from None
+    finally:
+        conn.close()
 
 
 def is_checksum_error(exc: BaseException) -> bool:

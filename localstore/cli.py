@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ import numpy as np
 
 from . import __version__
 from ._sqlite import translate
-from .errors import LocalStoreError, QueryError
+from .errors import LocalStoreError, QueryError, StoreOpenError
 from .keys import FORGOTTEN
 from .store import Store
 
@@ -36,6 +37,9 @@ EXAMPLES = {
     "verify": "Example:\n  localstore verify data/kernel-7.db && echo healthy",
     "optimize": "Example:\n  localstore optimize data/kernel-7.db --vacuum",
     "expire": "Example:\n  localstore expire data/kernel-7.db",
+    "checksums": ("Examples:\n  localstore checksums data/kernel-7.db\n"
+                  "  localstore checksums --convert data/old.db      # a store made before checksums were the default\n"
+                  "  localstore checksums --refresh data/kernel-7.db # after a deliberate edit with the sqlite3 shell"),
 }
 
 
@@ -216,6 +220,25 @@ def cmd_expire(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_checksums(args: argparse.Namespace) -> int:
+    from . import checksums
+
+    if not os.path.isfile(args.path):
+        raise StoreOpenError(f"no store at {args.path}")
+    if args.convert:
+        checksums.convert(args.path)
+    elif args.refresh:
+        checksums.refresh(args.path)
+    on = checksums.enabled(args.path)
+    if args.json:
+        print(json.dumps({"path": args.path, "checksums": on}))
+    else:
+        done = " (converted)" if args.convert else " (refreshed)" if args.refresh else ""
+        hint = "" if on else "; turn them on with: localstore checksums --convert PATH (rewrites the file)"
+        print(f"{args.path}: page checksums {'on' if on else 'off'}{done}{hint}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
@@ -279,6 +302,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="the store file")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_expire)
+
+    p = add("checksums", "Show whether a store keeps page checksums; turn them on, or recompute them.")
+    p.add_argument("path", help="the store file (closed: --convert and --refresh rewrite it)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--convert", action="store_true", help="rewrite an older store with page checksums (VACUUM)")
+    how.add_argument("--refresh", action="store_true",
+                     help="recompute every checksum after a deliberate edit by a tool without them; "
+                          "never after unexplained damage (restore a backup instead)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_checksums)
     p = sub.add_parser(
         "demo", help="Run the demo: 8 agents, kits, background sync to Postgres, a summary.",
         description="Run the demo: 8 agent stores evolve kernels, remember, record telemetry and checkpoint "

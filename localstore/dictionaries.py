@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any
 import zstandard as zstd
 
 from . import clock
-from ._sqlite import created_row_state
+from ._sqlite import boundary, created_row_state
 from .errors import CodecError
 
 if TYPE_CHECKING:
@@ -212,7 +212,9 @@ class Dictionaries:
         found = self._by_id.get(dict_id)
         if found is not None:
             return found
-        with self.store._lock:
+        # Read lazily, often while a row is decoded outside any other boundary: SQLite's
+        # errors (a damaged page among them) must still reach the caller as localstore errors.
+        with self.store._lock, boundary(self.store.path, "reading a compression dictionary"):
             row = None
             if self._table():
                 row = self.store._db.execute("SELECT dict FROM _ls_dicts WHERE id = ?", (dict_id,)).fetchone()

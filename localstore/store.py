@@ -99,7 +99,7 @@ class Store:
         keys_from: str | os.PathLike[str] | Store | None = None,
         max_messages_per_key: int | None = None,
         vfs: str | None = None,
-        checksums: bool = False,
+        checksums: bool | None = None,
         wal_damage: str = "raise",
     ) -> None:
         self.path = os.fspath(path)
@@ -117,16 +117,23 @@ class Store:
         if header is not None:
             # Before SQLite reads the WAL: once it has, frames past a damaged one are gone without a trace.
             _check_wal(self.path, header, wal_damage)
+        if checksums_mod.available():
+            # Registered before any store connection, so every apsw connection this process
+            # opens afterwards (a store's, or anyone's) keeps checksummed files' checksums current.
+            checksums_mod.register()
+        if checksums is None:  # the default: new stores get page checksums, unless a custom VFS was asked for
+            checksums = not header and checksums_mod.passes_through(vfs) and checksums_mod.available()
         # A file that keeps page checksums is always opened through cksumvfs, so no writer
         # of ours can leave its checksums stale.
         use_checksums = bool(checksums) or (header is not None and checksums_mod.header_enabled(header))
         if use_checksums:
-            if vfs not in (None, checksums_mod.VFS_NAME):
+            if not checksums_mod.passes_through(vfs):
                 raise StoreOpenError(
-                    f"cannot open {self.path}: page checksums need the {checksums_mod.VFS_NAME!r} VFS, "
-                    f"which cannot be combined with vfs={vfs!r}"
+                    f"cannot open {self.path}: page checksums need the {checksums_mod.VFS_NAME!r} VFS, which "
+                    f"vfs={vfs!r} does not declare it wraps; build it on cksumvfs (apsw.VFS(name, base="
+                    f"{checksums_mod.VFS_NAME!r})) and call localstore.checksums.declare_layered({vfs!r})"
                 )
-            vfs = checksums_mod.register()
+            vfs = vfs or checksums_mod.register()
         if header is None:
             if not create:
                 raise StoreOpenError(f"no store at {self.path}: the file does not exist (localstore.open creates it unless create=False)")
@@ -597,7 +604,7 @@ def open(
     keys_from: str | os.PathLike[str] | Store | None = None,
     max_messages_per_key: int | None = None,
     vfs: str | None = None,
-    checksums: bool = False,
+    checksums: bool | None = None,
     wal_damage: str = "raise",
 ) -> Store:
     """Open one agent's store at ``path``, creating it (mode 0600) if missing.
@@ -614,10 +621,11 @@ def open(
     the values encrypted per data key (default 2^30) before a new key is made.
     ``vfs`` opens the file through a registered SQLite VFS (an ``apsw.VFS``
     subclass, e.g. a fault-injecting shim in tests); its backups use it too.
-    ``checksums=True`` creates the store with a checksum on every page (SQLite's
-    cksumvfs): a flipped byte anywhere is then a ``CorruptStoreError``, not a changed
-    value. A file made so is always opened with checksums; convert an existing one
-    with ``localstore.checksums.convert(path)``.
+    New stores keep a checksum on every page (SQLite's cksumvfs): a flipped byte
+    anywhere is then a ``CorruptStoreError``, not a changed value. ``checksums=False``
+    creates one without (as does a custom ``vfs``); ``checksums=True`` insists (an
+    existing store without them is refused). A file made with checksums is always
+    opened with them; convert an older store with ``localstore.checksums.convert(path)``.
 
     A WAL left by a crash is checked before SQLite reads it: if a damaged frame would
     make SQLite silently drop transactions committed after it, ``open`` raises

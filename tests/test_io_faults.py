@@ -1,6 +1,7 @@
 """I/O-fault sweep in SQLite's style: fail the Nth read, write, sync or lock, for N = 1, 2, ...
 
-A shim VFS (an ``apsw.VFS`` whose files inherit from the ``unix`` VFS) raises an I/O
+A shim VFS (an ``apsw.VFS`` whose files inherit from cksumvfs, so the stores keep the page
+checksums they are created with by default, or from ``unix`` without it) raises an I/O
 error at the Nth call of one kind, either once or on every call from the Nth on. Each
 operation under test (put_many, a transaction over two collections, backup, key
 rotation, dictionary training, the watermark update) runs on a fresh copy of a
@@ -30,11 +31,12 @@ import numpy as np
 import pytest
 
 import localstore as ls
+from localstore import checksums
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 KINDS = ("read", "write", "sync", "lock")
-BASE_VFS = "unix"
+BASE_VFS = checksums.register() if checksums.available() else "unix"
 KEY = ls.generate_key()
 NEW_KEY = ls.generate_key()
 
@@ -101,6 +103,8 @@ class FaultFile(apsw.VFSFile):
 @pytest.fixture(scope="module")
 def vfs() -> Iterator[FaultVFS]:
     shim = FaultVFS()
+    if BASE_VFS == checksums.VFS_NAME:
+        checksums.declare_layered(shim.name)
     try:
         yield shim
     finally:
