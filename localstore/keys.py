@@ -423,7 +423,7 @@ class KeyRing:
     # -- reading -----------------------------------------------------------------------
 
     def _load(self, key_id: int) -> AESGCM | None:
-        """Unwrap one key by id into the cache; None if it was forgotten. Raises if unavailable."""
+        """Unwrap one key by id into the cache; None if it was forgotten. ``MissingKeyError`` if unavailable."""
         cipher = self._ciphers.get(key_id)
         if cipher is not None:
             return cipher
@@ -434,15 +434,16 @@ class KeyRing:
         if table_exists(db, "_ls_keys"):
             row = db.execute("SELECT kind, state, wrapped FROM _ls_keys WHERE id = ?", (key_id,)).fetchone()
         if row is None:
-            raise LookupError(f"key {key_id} is not in this store's key table")
+            raise MissingKeyError(f"store {self.store.path}: key {key_id} is not in this store's key table "
+                                  "(the table was altered or damaged); restore the store from a backup or a sync")
         kind, state, wrapped = row
         if state == "forgotten":
             self._forgotten.add(key_id)
             return None
         if state == "withheld":
             if self.keys_from is None:
-                raise LookupError(
-                    f"subject key {key_id} is withheld from backups; open the backup with "
+                raise MissingKeyError(
+                    f"store {self.store.path}: subject key {key_id} is withheld from backups; open the backup with "
                     "keys_from=<path of the live store> to read subject values"
                 )
             cipher = self.keys_from._keys.cipher(key_id)
@@ -456,8 +457,8 @@ class KeyRing:
         try:
             secret = crypto.unwrap(kek, wrapped, self._context(key_id))
         except crypto.DecryptFailed:
-            raise LookupError(
-                f"key {key_id} does not unwrap with the master key this store was opened with: another connection "
+            raise MissingKeyError(
+                f"store {self.store.path}: key {key_id} does not unwrap with the master key this store was opened with: another connection "
                 "rotated the master key (reopen with the new one), or the key table was altered"
             ) from None
         self._secrets[key_id] = secret

@@ -303,3 +303,21 @@ def test_keys_from_must_be_the_same_store(tmp_path: Path) -> None:
             ls.open(tmp_path / "a-copy.db", key=KEY, keys_from=b)
         with ls.open(tmp_path / "a-copy.db", key=KEY, keys_from=tmp_path / "a.db") as copy:
             assert copy.collection("notes").get("n0") == _rows(1)[0]
+
+
+def test_a_hand_altered_key_table_is_a_missing_key_error_on_write_and_read(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with ls.open(path, key=KEY) as store:
+        _notes(store).put_many(_rows(5))
+    conn = apsw.Connection(str(path))  # through cksumvfs (the process default now): pages stay valid
+    for key_id, wrapped in conn.execute("SELECT id, wrapped FROM _ls_keys WHERE kind = 'data'").fetchall():
+        conn.execute("UPDATE _ls_keys SET wrapped = ? WHERE id = ?", (bytes([wrapped[0] ^ 1]) + wrapped[1:], key_id))
+    conn.close()
+    with ls.open(path, key=KEY) as store:
+        notes = _notes(store)
+        with pytest.raises(ls.MissingKeyError, match="does not unwrap") as err:
+            notes.put_many(_rows(8))  # reuses the altered data key: a localstore error, not a bare LookupError
+        assert str(path) in str(err.value)
+        with pytest.raises(ls.MissingKeyError):
+            notes.get(_rows(1)[0]["id"])
+        assert notes.count() == 5  # nothing written
