@@ -51,6 +51,7 @@ from .errors import (
 )
 from .fields import Field
 from .vector_caches import VectorCaches
+from .wal_checkpointer import WAL_CHECKPOINT_MODES, WalCheckpointer
 
 if TYPE_CHECKING:
     from .changelog import ChangeLog
@@ -101,6 +102,7 @@ class Store:
         vfs: str | None = None,
         checksums: bool | None = None,
         wal_damage: str = "raise",
+        wal_checkpoint: str = "auto",
     ) -> None:
         self.path = os.fspath(path)
         from .keys import DEFAULT_MAX_MESSAGES, KeyRing, resolve_master
@@ -108,6 +110,8 @@ class Store:
         master = resolve_master(key, key_file)  # key file checks (0600) run before the store is touched
         if durability not in DURABILITY:
             raise StoreOpenError(f"durability must be one of {', '.join(DURABILITY)}, got {durability!r}")
+        if not isinstance(wal_checkpoint, str) or wal_checkpoint not in WAL_CHECKPOINT_MODES:
+            raise StoreOpenError(f"wal_checkpoint must be one of {', '.join(WAL_CHECKPOINT_MODES)}, got {wal_checkpoint!r}")
         check_vfs(vfs, self.path)  # before the file is created, so a typo leaves nothing behind
         if os.path.isdir(self.path):
             raise StoreOpenError(f"{self.path} is a directory; a store is a single file, e.g. {self.path}/agent.db")
@@ -159,7 +163,15 @@ class Store:
                     keys_from=_open_keys_from(keys_from, self, master),
                 )
                 self._keys.check_master()  # a wrong master key fails here, before any data is read
+                self.wal_checkpoint = wal_checkpoint
+                self._wal: WalCheckpointer | None = None
+                if wal_checkpoint == "background":
+                    self._wal = WalCheckpointer(self.path, durability=durability, vfs=vfs)
+                    self._wal.install(self._conn)
         except BaseException:
+            wal = getattr(self, "_wal", None)
+            if wal is not None:
+                wal.close()
             self._conn.close()
             self._conn = None
             raise
@@ -204,6 +216,8 @@ class Store:
             if self._conn is None:
                 return
             conn, self._conn = self._conn, None
+            if self._wal is not None:  # first, so the writer's close is the last one and removes the WAL
+                self._wal.close()
             if self._depth:
                 with contextlib.suppress(apsw.Error):
                     conn.execute("ROLLBACK")
@@ -330,6 +344,8 @@ class Store:
                             retry_busy(lambda: db.execute("COMMIT"), path=self.path)
                         if tx is not None and tx.vector_deltas:
                             self._vectors.apply(tx.vector_deltas)
+                        if self._wal is not None:
+                            self._wal.after_commit(db)
                     except BaseException:
                         with contextlib.suppress(apsw.Error):
                             db.execute("ROLLBACK")
@@ -487,7 +503,7 @@ class Store:
         with self.transaction():
             count = self._keys.rewrap(new)
         self._keys.commit_rewrap()
-        with self._lock, boundary(self.path, "checkpointing after a key rotation"):
+        with self._lock, self._wal_idle(), boundary(self.path, "checkpointing after a key rotation"):
             checkpoint_truncate(self)
         return count
 
@@ -519,10 +535,14 @@ class Store:
         self._outside_transaction("forget")
         with self.transaction():
             count = self._keys.forget(subject)
-        with self._lock, boundary(self.path, "checkpointing after forget"):
+        with self._lock, self._wal_idle(), boundary(self.path, "checkpointing after forget"):
             self._db.execute("PRAGMA secure_delete=OFF")
             checkpoint_truncate(self)
         return count > 0
+
+    def _wal_idle(self) -> contextlib.AbstractContextManager[object]:
+        """Hold off the background checkpointer (if any): SQLite refuses a second checkpoint rather than wait."""
+        return self._wal.idle() if self._wal is not None else contextlib.nullcontext()
 
     def _outside_transaction(self, what: str) -> None:
         with self._lock:  # under the lock, an open transaction can only be this thread's own
@@ -606,6 +626,7 @@ def open(
     vfs: str | None = None,
     checksums: bool | None = None,
     wal_damage: str = "raise",
+    wal_checkpoint: str = "auto",
 ) -> Store:
     """Open one agent's store at ``path``, creating it (mode 0600) if missing.
 
@@ -632,11 +653,17 @@ def open(
     ``CorruptStoreError`` and changes nothing (see ``localstore.walcheck``).
     ``wal_damage="discard"`` accepts the loss instead: it keeps a copy of the WAL as
     ``PATH-wal.damaged`` and opens the store as of the last intact commit.
+
+    ``wal_checkpoint="background"`` moves WAL checkpoints out of the commits into a
+    thread with its own connection (see ``localstore.wal_checkpointer``): commits of
+    large rows get much faster, durability stays the same, the WAL is bounded (64 MiB
+    by default, reused); the default ``"auto"`` is SQLite's own checkpoint in the
+    commit that passes 1,000 pages.
     """
     return Store(
         path, durability=durability, busy_timeout_ms=busy_timeout_ms, create=create, vector_cache=vector_cache,
         key=key, key_file=key_file, keys_from=keys_from, max_messages_per_key=max_messages_per_key, vfs=vfs,
-        checksums=checksums, wal_damage=wal_damage,
+        checksums=checksums, wal_damage=wal_damage, wal_checkpoint=wal_checkpoint,
     )
 
 
