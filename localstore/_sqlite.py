@@ -7,11 +7,10 @@ no raw apsw error (and no bare "database is locked") reaches a caller.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import apsw
@@ -204,21 +203,34 @@ def retry_busy(fn: Callable[[], T], *, path: str, deadline_s: float = DEFAULT_BU
             pause = min(pause * 2, 0.1)
 
 
-@contextlib.contextmanager
-def boundary(store: str, action: str = "") -> Iterator[None]:
-    """Re-raise any apsw error inside the block as a localstore error."""
-    try:
-        yield
-    except apsw.Error as exc:
-        raise translate(exc, store, action) from None
-    except UnicodeDecodeError as exc:
-        # apsw decodes TEXT outside its own error types: invalid UTF-8 in a stored value
-        # can only come from damage to the file.
-        doing = f" while {action}" if action else ""
-        raise CorruptStoreError(
-            f"{store}: a stored text value is not valid UTF-8 ({exc.reason}){doing}; the file is damaged. "
-            "Run store.verify(), then restore from a backup or from Postgres"
-        ) from None
+class boundary:  # lower case: it replaced a function, and reads as one: ``with boundary(path, action):``
+    """Re-raise any apsw error inside the block as a localstore error.
+
+    A class rather than a ``contextlib.contextmanager``: every read and write passes
+    through several of these, and a generator-based one costs about four times as much.
+    """
+
+    __slots__ = ("action", "store")
+
+    def __init__(self, store: str, action: str = "") -> None:
+        self.store, self.action = store, action
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
+        if exc is None:
+            return
+        if isinstance(exc, apsw.Error):
+            raise translate(exc, self.store, self.action) from None
+        if isinstance(exc, UnicodeDecodeError):
+            # apsw decodes TEXT outside its own error types: invalid UTF-8 in a stored value
+            # can only come from damage to the file.
+            doing = f" while {self.action}" if self.action else ""
+            raise CorruptStoreError(
+                f"{self.store}: a stored text value is not valid UTF-8 ({exc.reason}){doing}; the file is damaged. "
+                "Run store.verify(), then restore from a backup or from Postgres"
+            ) from None
 
 
 def quote(identifier: str) -> str:
