@@ -13,9 +13,13 @@ reported as skipped: its figures carry ``skipped`` and a reason, never an error.
   against exact.
 - checkpoints: ~64 KB agent state (float32 arrays plus a JSON message list) put
   N times (spread over threads of 100 steps, as agent runs are): LangGraph
-  ``SqliteSaver.put`` against our telemetry kit's ``save_checkpoint`` (and a plain
-  collection ``put`` of the same ``encode_state`` bytes); throughput and the file
-  size afterwards. Both sides serialise the state inside the timed loop.
+  ``SqliteSaver.put`` against our telemetry kit's ``save_checkpoint`` on a store
+  opened with ``wal_checkpoint="background"`` (the headline; the same kit with
+  SQLite's own checkpoints, and batches of ``CKPT_BATCH`` through
+  ``save_checkpoints``, as separate figures), and a plain collection ``put`` of the
+  same ``encode_state`` bytes; throughput and the file size afterwards. Every side
+  serialises the state inside the timed loop, one call (and one commit) per
+  checkpoint except the batched figure.
 - postgres: telemetry rows written straight to Postgres with psycopg, row by row
   (autocommit) and with COPY, against our local ``record_telemetry`` /
   ``record_telemetry_many`` and the background sync's drain of the same rows.
@@ -320,7 +324,11 @@ CKPT_FIGURES = [
     ("ckpt.size_vs_langgraph", "checkpoint file size per checkpoint: ours / SqliteSaver", "x", "<", 1.0),
     ("ckpt.plain_vs_langgraph", "checkpoint puts, plain collection / SqliteSaver (speed)", "x", None, None),
     ("ckpt.plain_size_vs_langgraph", "file size per checkpoint, plain collection / SqliteSaver", "x", None, None),
+    ("ckpt.auto_vs_langgraph", "checkpoint puts, kit with SQLite's own WAL checkpoints / SqliteSaver (speed)", "x", None, None),
+    ("ckpt.batch_vs_langgraph", "checkpoint puts, kit save_checkpoints batches / SqliteSaver (speed)", "x", None, None),
 ]
+#: Checkpoints per ``save_checkpoints`` call in the batched figure (an agent saving every step, flushing every 10).
+CKPT_BATCH = 10
 
 
 def agent_state(rng: np.random.Generator, prng: random.Random, step: int) -> dict[str, Any]:
@@ -350,14 +358,16 @@ def bench_checkpoints(report: Report, scratch: Scratch, sizes: Sizes) -> None:
     base_mod = None
     if saver_mod is not None:
         base_mod, why = _try_import("langgraph.checkpoint.base")
-    sizes_on_disk: dict[str, list[int]] = {"ours": [], "langgraph": [], "plain": []}
+    sizes_on_disk: dict[str, list[int]] = {"ours": [], "langgraph": [], "plain": [], "auto": [], "batch": []}
 
-    def ours_setup() -> tuple[str, Any, Any]:
-        from localstore.kits.telemetry import Telemetry
+    def kit_setup(name: str, wal_checkpoint: str) -> Callable[[], tuple[str, Any, Any]]:
+        def setup() -> tuple[str, Any, Any]:
+            from localstore.kits.telemetry import Telemetry
 
-        path = scratch.path("ckpt-ours")
-        store = ls.open(path)
-        return path, store, Telemetry(store)
+            path = scratch.path(name)
+            store = ls.open(path, wal_checkpoint=wal_checkpoint)
+            return path, store, Telemetry(store)
+        return setup
 
     kit_n = min(n, sizes.kit_checkpoints)
 
@@ -368,6 +378,15 @@ def bench_checkpoints(report: Report, scratch: Scratch, sizes: Sizes) -> None:
             if i % per == 0:
                 sid = tm.start_session()
             tm.save_checkpoint(sid, phi=0.5 + (i % 97) / 200, kappa=64.0, regime="geometric", state_dict=s)
+
+    def batch_run(state: tuple[str, Any, Any]) -> None:
+        tm = state[2]
+        for start in range(0, kit_n, per):  # one session per thread, CKPT_BATCH checkpoints per call
+            sid = tm.start_session()
+            end = min(start + per, kit_n)
+            for b in range(start, end, CKPT_BATCH):
+                tm.save_checkpoints(sid, [{"phi": 0.5 + (i % 97) / 200, "kappa": 64.0, "regime": "geometric",
+                                           "state_dict": states[i]} for i in range(b, min(b + CKPT_BATCH, end))])
 
     def plain_setup() -> tuple[str, Any, Any]:
         path = scratch.path("ckpt-plain")
@@ -390,15 +409,21 @@ def bench_checkpoints(report: Report, scratch: Scratch, sizes: Sizes) -> None:
         sizes_on_disk["plain"].append(sum(os.path.getsize(state[0] + s) for s in ("", "-wal") if os.path.exists(state[0] + s)))
         Scratch.remove(state[0])
 
-    def ours_teardown(state: tuple[str, Any, Any]) -> None:
-        state[1].close()
-        sizes_on_disk["ours"].append(sum(os.path.getsize(state[0] + s) for s in ("", "-wal") if os.path.exists(state[0] + s)))
-        Scratch.remove(state[0])
+    def kit_teardown(kind: str) -> Callable[[tuple[str, Any, Any]], None]:
+        def teardown(state: tuple[str, Any, Any]) -> None:
+            state[1].close()
+            sizes_on_disk[kind].append(sum(os.path.getsize(state[0] + s) for s in ("", "-wal") if os.path.exists(state[0] + s)))
+            Scratch.remove(state[0])
+        return teardown
 
-    cases = [Case("ckpt.ours", ours_run, ours_setup, ours_teardown, items=kit_n, unit="put",
-                  label=f"ours: Telemetry.save_checkpoint (arrays raw + msgpack zstd; state, row, history), {kit_n:,} puts"),
+    cases = [Case("ckpt.ours", ours_run, kit_setup("ckpt-ours", "background"), kit_teardown("ours"), items=kit_n, unit="put",
+                  label=f"ours: Telemetry.save_checkpoint, wal_checkpoint='background' (state, row, history), {kit_n:,} puts"),
              Case("ckpt.plain", plain_run, plain_setup, plain_teardown, items=n, unit="put",
-                  label="ours: plain collection put of the same encoded state (no history, no best flag)")]
+                  label="ours: plain collection put of the same encoded state (no history, no best flag)"),
+             Case("ckpt.ours_auto", ours_run, kit_setup("ckpt-auto", "auto"), kit_teardown("auto"), items=kit_n, unit="put",
+                  label="ours: Telemetry.save_checkpoint, SQLite's own WAL checkpoints (the default)"),
+             Case("ckpt.ours_batch", batch_run, kit_setup("ckpt-batch", "background"), kit_teardown("batch"), items=kit_n,
+                  unit="put", label=f"ours: Telemetry.save_checkpoints, {CKPT_BATCH} per call, wal_checkpoint='background'")]
 
     def lg_setup() -> tuple[str, Any, Any]:
         path = scratch.path("ckpt-langgraph")
@@ -432,8 +457,8 @@ def bench_checkpoints(report: Report, scratch: Scratch, sizes: Sizes) -> None:
     except Exception as exc:  # noqa: BLE001
         log(f"peers checkpoints: LangGraph failed ({exc!r}); ours alone")
         why, saver_mod = f"failed: {type(exc).__name__}: {exc}", None
-        sizes_on_disk = {"ours": [], "langgraph": [], "plain": []}
-        report.add(*measure(cases[:2], sizes.ckpt_repeat, progress="peers checkpoints (ours)"))
+        sizes_on_disk = {"ours": [], "langgraph": [], "plain": [], "auto": [], "batch": []}
+        report.add(*measure(cases[:4], sizes.ckpt_repeat, progress="peers checkpoints (ours)"))
     ours_t, plain_t = report.timings["ckpt.ours"], report.timings["ckpt.plain"]
     # per checkpoint, since the kit may run fewer puts (whole threads of the same length) in --quick
     ours_kb = sizes_on_disk["ours"][-1] / 1e3 / kit_n
@@ -455,6 +480,10 @@ def bench_checkpoints(report: Report, scratch: Scratch, sizes: Sizes) -> None:
                          ours=f"{plain_t.rate:,.0f} puts/s", peers={"SqliteSaver": f"{lg_t.rate:,.0f} puts/s"}))
     report.figure(Figure(*CKPT_FIGURES[3][:2], plain_kb / lg_kb, "x", *CKPT_FIGURES[3][3:],
                          ours=f"{plain_kb:,.1f} KB/checkpoint", peers={"SqliteSaver": f"{lg_kb:,.1f} KB/checkpoint"}))
+    for fig, key in ((CKPT_FIGURES[4], "ckpt.ours_auto"), (CKPT_FIGURES[5], "ckpt.ours_batch")):
+        rate = report.timings[key].rate
+        report.figure(Figure(*fig[:2], rate / lg_t.rate, "x", *fig[3:],
+                             ours=f"{rate:,.0f} puts/s", peers={"SqliteSaver": f"{lg_t.rate:,.0f} puts/s"}))
 
 
 # -- postgres direct ------------------------------------------------------------------------------
