@@ -11,9 +11,11 @@ fresh insert costs no second copy of the data.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import apsw
 import msgpack
 import numpy as np
 
@@ -30,6 +32,10 @@ if TYPE_CHECKING:
 OP_PUT = 1
 OP_DELETE = 2
 OP_NAMES = {OP_PUT: "put", OP_DELETE: "delete"}
+
+#: Batches of at least this many rows go through a plain INSERT (~10% less work per row than the
+#: upsert) until a key exists, the rest through the upsert; smaller ones (a put()) upsert alone.
+_INSERT_FIRST = 16
 
 #: Bytes of vectors checked finite per numpy call by put_many.
 _CHECK_BYTES = 4 << 20
@@ -110,8 +116,12 @@ class Collection:
             f"INSERT INTO {table}({cols}, _ls_seq, _ls_hlc) VALUES({marks}, ?, ?) "
             f"ON CONFLICT({kcol}) DO UPDATE SET {updates}"
         )
+        insert = f"INSERT INTO {table}({cols}, _ls_seq, _ls_hlc) VALUES({marks}, ?, ?)"
+        log = f"INSERT INTO _ls_changes(seq, hlc, coll, key, op) VALUES(?, ?, {schema.id}, ?, {OP_PUT})"
         self._sql_put = upsert
-        self._sql_put_logged = f"{upsert}; INSERT INTO _ls_changes(seq, hlc, coll, key, op) VALUES(?, ?, {schema.id}, ?, {OP_PUT})"
+        self._sql_put_logged = f"{upsert}; {log}"
+        self._sql_insert = insert
+        self._sql_insert_logged = f"{insert}; {log}"
         self._sql_select = f"SELECT {cols} FROM {table}"
         self._sql_get = f"{self._sql_select} WHERE {kcol} = ?"
         self._sql_delete = f"DELETE FROM {table} WHERE {kcol} = ? RETURNING rowid"
@@ -300,7 +310,10 @@ class Collection:
                 # in their derived indexes.
                 old_max = scalar(store._db, f"SELECT max(rowid) FROM {self._schema.table}") or 0 if derived else 0
                 try:
-                    store._db.executemany(self._sql_put_logged if logged else self._sql_put, bindings)
+                    done = self._insert_fresh(bindings, logged) if len(bindings) >= _INSERT_FIRST else 0
+                    if done < len(bindings):
+                        store._db.executemany(self._sql_put_logged if logged else self._sql_put,
+                                              bindings[done:] if done else bindings)
                 except UnicodeEncodeError:
                     self._raise_bad_text(bindings)
                     raise
@@ -313,6 +326,21 @@ class Collection:
                             store._vectors.note(
                                 self.name, name, [(r, b[pos], tuple(b[p] for p in fpos)) for r, b in zip(rowids, bindings)]
                             )
+
+    def _insert_fresh(self, bindings: list[tuple[Any, ...]], logged: bool) -> int:
+        """Write rows with plain INSERTs until one's key exists; return how many were written.
+
+        A failed INSERT undoes only itself, so the caller upserts the rest, that row included
+        (any other constraint failure is raised again by that upsert).
+        """
+        db = self.store._db
+        before = db.total_changes()
+        try:
+            db.executemany(self._sql_insert_logged if logged else self._sql_insert, bindings)
+        except apsw.ConstraintError:
+            # No trigger fires on an INSERT: a row counts one change, two with its change record.
+            return (db.total_changes() - before) // (2 if logged else 1)
+        return len(bindings)
 
     def update(self, key: Any, changes: Mapping[str, Any]) -> Any:
         """Change only the named fields of the row with this key; return the key.
@@ -338,8 +366,7 @@ class Collection:
         """Check that the vectors the encoder took as bytes are finite: a few numpy calls per field and batch."""
         for pos, name, field in self._fast_vectors:
             stored = [b[pos] for b in bindings if b[pos] is not None]
-            # A few MB at a time: the joined bytes are still in the CPU cache when isfinite reads
-            # them (3x faster than one join of the whole batch).
+            # A few MB at a time, so isfinite reads the joined bytes from the CPU cache (3x faster).
             step = max(1, _CHECK_BYTES // (field.dim * 4))
             if all(np.isfinite(np.frombuffer(b"".join(stored[i:i + step]), dtype="<f4")).all()
                    for i in range(0, len(stored), step)):
@@ -359,8 +386,6 @@ class Collection:
         new_max = scalar(self.store._db, f"SELECT max(rowid) FROM {self._schema.table}") or 0
         if new_max - old_max == len(bindings) and new_max < _SEQUENTIAL_ROWIDS:
             return list(range(old_max + 1, new_max + 1))
-        import json
-
         found = dict(self.store._db.execute(self._sql_rowids, (json.dumps([b[0] for b in bindings]),)))
         return [found[b[0]] for b in bindings]
 
@@ -451,8 +476,6 @@ class Collection:
         if not checked:
             self._reader(fields)  # still validates fields=
             return []
-        import json
-
         def read(db: Any) -> tuple[Any, Any, Any]:
             select, decode, codec = self._reader(fields)
             sql = f"{select} WHERE {quote(self.key)} IN (SELECT value FROM json_each(?))"

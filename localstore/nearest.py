@@ -196,7 +196,7 @@ def _waiting_rowids(coll: Collection, spec: Vector, through: int, conditions: li
         for field, op, value in conditions:
             if field == name:
                 keep &= column.test(op, value, len(rows))
-    return [int(r[0]) for r, chosen in zip(rows, keep) if chosen]
+    return [int(r[0]) for r, chosen in zip(rows, keep) if chosen]  # type: ignore[arg-type]
 
 
 def _vec0_exact(

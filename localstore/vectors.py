@@ -202,7 +202,7 @@ class VectorIndex(VirtualIndex):
             row = db.execute(f"SELECT high_water FROM {STATE_TABLE} WHERE tbl = ?", (self.name,)).fetchone()
         except apsw.SQLError:  # no state table yet: a store written before W existed
             return None
-        return None if row is None else int(row[0])  # type: ignore[arg-type]
+        return None if row is None else int(row[0])
 
     def indexed_through(self, db: apsw.Connection) -> int:
         """The rowid up to which writes must keep vec0 in step (every rowid for an index without W)."""

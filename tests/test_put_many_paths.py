@@ -1,0 +1,68 @@
+"""put_many writes a batch with plain INSERTs until a key exists, then upserts the rest: same rows, same change log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import localstore as ls
+
+
+def declare(store: ls.Store, sync: bool, key: Any = ls.Text) -> ls.Collection:
+    return store.collection("docs", key="id", sync=sync, fields={
+        "id": key(), "n": ls.Integer(), "kind": ls.Text(filter=True), "body": ls.Text(fulltext=True, nullable=True),
+        "v": ls.Vector(4, metric="l2", nullable=True),
+    })
+
+
+def row(key: Any, n: int) -> dict[str, Any]:
+    return {"id": key, "n": n, "kind": "ab"[n % 2], "body": f"word{n}", "v": np.full(4, n + 1, dtype=np.float32)}
+
+
+@pytest.mark.parametrize("sync", [True, False])
+@pytest.mark.parametrize("key", [ls.Text, ls.Integer])
+def test_a_batch_mixing_new_existing_and_repeated_keys(tmp_path: Path, sync: bool, key: Any) -> None:
+    store = ls.open(tmp_path / "s.db")
+    coll = declare(store, sync, key)
+    name = (lambda i: f"k{i}") if key is ls.Text else (lambda i: i)
+    coll.put_many([row(name(i), i) for i in (3, 30, 60)])
+    # New keys first (the plain INSERTs), then an existing one mid-batch, a key repeated
+    # within the batch, and existing keys at the end.
+    batch = [row(name(i), 100 + i) for i in range(20)]
+    batch.insert(17, row(name(30), 1))
+    batch += [row(name(5), 7), row(name(40), 2), row(name(60), 3)]
+    assert coll.put_many(batch) == len(batch)
+    expected = {name(i): 100 + i for i in range(20)} | {name(30): 1, name(5): 7, name(40): 2, name(60): 3}
+    assert {r["id"]: r["n"] for r in coll.find()} == expected
+    assert coll.count() == len(expected)
+    hits = coll.search(text="word7", k=5)
+    assert [h.key for h in hits] == [name(5)]
+    for engine in ("cache", "vec0"):
+        assert coll.nearest("v", np.full(4, 8, dtype=np.float32), k=1, engine=engine)[0].key == name(5)
+    report = store.verify()
+    assert report.ok, report.problems
+    if sync:
+        changes = [c for c in store.changelog.changes() if c.op == "put"]
+        assert len(changes) == 3 + len(batch)  # one record per written row, repeats included
+        by_seq = [(c.key, coll.decode_payload(c.payload)["n"]) for c in changes]
+        assert (name(5), 105) in by_seq and (name(5), 7) in by_seq  # both versions of the repeated key
+        assert by_seq[-3:] == [(name(5), 7), (name(40), 2), (name(60), 3)]
+    store.close()
+
+
+def test_a_failed_batch_writes_nothing(tmp_path: Path) -> None:
+    store = ls.open(tmp_path / "s.db")
+    coll = declare(store, True)
+    coll.put_many([row(f"k{i}", i) for i in range(5)])
+    before = ([(r["id"], r["n"]) for r in coll.find()], store.changelog.last_seq())
+    bad = [row(f"n{i}", i) for i in range(30)]
+    bad.insert(12, row("k1", 9))  # switches to the upsert
+    bad[25]["body"] = "lone \ud800 surrogate"
+    with pytest.raises(ls.ValidationError, match="surrogate"):
+        coll.put_many(bad)
+    assert ([(r["id"], r["n"]) for r in coll.find()], store.changelog.last_seq()) == before
+    assert store.verify().ok
+    store.close()
