@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from typing import Any
 
 import apsw
@@ -83,8 +84,13 @@ class WalCheckpointer:
         self._thread.start()
 
     def install(self, writer: apsw.Connection) -> None:
-        """Route the writer's commits to this checkpointer instead of SQLite's autocheckpoint."""
+        """Route the writer's commits to this checkpointer instead of SQLite's autocheckpoint.
+
+        If the writer is dropped without its store being closed, the thread and its
+        connection go with it, rather than waiting for a wake-up that cannot come.
+        """
         writer.set_wal_hook(self._hook)
+        weakref.finalize(writer, self.close)
 
     def _hook(self, _conn: Any, _dbname: str, pages: int) -> int:
         # Runs inside the writer's COMMIT, which must not be re-entered: only note the size and wake the thread.

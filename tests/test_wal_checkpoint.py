@@ -141,3 +141,17 @@ def test_sigkill_loses_no_acknowledged_checkpoint(tmp_path: Path, subprocess_env
     with ls.open(path) as store:
         assert store.verify().ok
         assert np.isfinite(Telemetry(store).load_checkpoint(min(acked))["phi"])  # type: ignore[index]
+
+
+def test_a_store_dropped_without_close_stops_its_thread(tmp_path: Path) -> None:
+    import gc
+
+    store = ls.open(tmp_path / "s.db", wal_checkpoint="background")
+    blobs(store).put({"k": 1, "pad": b"x"})
+    thread = store._wal._thread  # type: ignore[union-attr]
+    del store
+    gc.collect()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    with ls.open(tmp_path / "s.db") as again:
+        assert blobs(again).get(1)["pad"] == b"x"  # type: ignore[index]
