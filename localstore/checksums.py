@@ -50,6 +50,8 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import apsw
 
@@ -200,20 +202,7 @@ def convert(path: str | os.PathLike[str]) -> None:
     register()
     if enabled(where):
         return
-    conn = apsw.Connection(where, vfs=VFS_NAME, flags=apsw.SQLITE_OPEN_READWRITE)
-    try:
-        conn.execute("PRAGMA busy_timeout = 5000")
-        mode = conn.execute("PRAGMA journal_mode").fetchall()[0][0]
-        # A WAL file cannot change its page layout in place: VACUUM in rollback mode, then switch back.
-        conn.execute("PRAGMA journal_mode = DELETE")
-        _set_reserve(conn, where)
-        conn.execute("VACUUM")
-        conn.execute(f"PRAGMA journal_mode = {mode}")
-    except apsw.Error as exc:
-        raise LocalStoreError(f"{where}: could not rewrite the store with page checksums ({exc}); "
-                              "close every connection to it and retry") from None
-    finally:
-        conn.close()
+    _vacuum(where, lambda conn: _set_reserve(conn, where), "rewrite the store with page checksums")
     if not enabled(where):
         raise LocalStoreError(f"{where}: VACUUM kept the old page layout; page checksums are not on")
 
@@ -231,17 +220,23 @@ def refresh(path: str | os.PathLike[str]) -> None:
     register()
     if not enabled(where):
         raise StoreOpenError(f"{where} keeps no page checksums; there is nothing to refresh")
+    _vacuum(where, lambda conn: conn.execute("PRAGMA checksum_verification = OFF"),
+            "rewrite the store's page checksums")
+
+
+def _vacuum(where: str, prepare: Callable[[apsw.Connection], Any], what: str) -> None:
+    """VACUUM a closed store through cksumvfs, after ``prepare`` set the connection up; every page is rewritten."""
     conn = apsw.Connection(where, vfs=VFS_NAME, flags=apsw.SQLITE_OPEN_READWRITE)
     try:
         conn.execute("PRAGMA busy_timeout = 5000")
-        conn.execute("PRAGMA checksum_verification = OFF")
         mode = conn.execute("PRAGMA journal_mode").fetchall()[0][0]
+        # A WAL file cannot change its page layout in place: VACUUM in rollback mode, then switch back.
         conn.execute("PRAGMA journal_mode = DELETE")
+        prepare(conn)
         conn.execute("VACUUM")
         conn.execute(f"PRAGMA journal_mode = {mode}")
     except apsw.Error as exc:
-        raise LocalStoreError(f"{where}: could not rewrite the store's page checksums ({exc}); "
-                              "close every connection to it and retry") from None
+        raise LocalStoreError(f"{where}: could not {what} ({exc}); close every connection to it and retry") from None
     finally:
         conn.close()
 
