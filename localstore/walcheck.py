@@ -38,6 +38,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import apsw
 import numpy as np
 
 WAL_HEADER = 32
@@ -210,9 +211,16 @@ def inspect(path: str, wal: bytes, db_header: bytes | None = None, shm: bytes | 
 #
 # SQLite's locks on the -shm file are POSIX record locks, and POSIX drops every lock a
 # process holds on a file when the process closes *any* descriptor of that file. So this
-# module never opens and closes the -shm of a store its own process has open: it reads
-# through SQLite's own descriptor instead (found in /proc/self/fd). The -wal file carries
-# no locks and is read normally.
+# module never opens and closes the -shm of a store its own process has open (any apsw
+# connection to it, a Store's or a raw one; the stdlib's sqlite3 is a separate SQLite whose
+# connections it cannot see): before an open it skips such a store, and ``check_live`` reads
+# through SQLite's own descriptor (found in /proc/self/fd). The -wal file carries no locks.
+
+
+def _open_in_process(path: str) -> bool:
+    """Whether an apsw connection of this process has the database ``path`` open."""
+    target = os.path.realpath(path)
+    return any(conn.filename and os.path.realpath(conn.filename) == target for conn in apsw.connections())
 
 
 def _own_descriptor(path: str) -> int | None:
@@ -282,7 +290,7 @@ def check_file(path: str, db_header: bytes | None) -> WalDamage | None:
         return None
     if not os.path.exists(shm_path):
         return _agreed(lambda: _inspect(path, db_header, None))
-    if sys.platform != "linux" or _own_descriptor(shm_path) is not None:
+    if sys.platform != "linux" or _open_in_process(path):
         return None
     try:
         fd = os.open(shm_path, os.O_RDONLY)  # no lock of this process is on it (checked above)

@@ -280,3 +280,24 @@ def test_a_second_handle_in_the_same_process_keeps_the_first_ones_locks(tmp_path
         assert os.path.exists(f"{path}-wal"), "another process's close deleted the WAL the first handle still uses"
     finally:
         first.close()
+
+
+def test_a_raw_apsw_connection_in_the_same_process_keeps_its_locks(tmp_path: Path,
+                                                                    subprocess_env: dict[str, str]) -> None:
+    import apsw
+
+    path = tmp_path / "s.db"
+    with ls.open(path) as store:
+        store.collection("t", key="k", fields=FIELDS).put({"k": 0, "pad": b"x"})
+    raw = apsw.Connection(str(path))
+    try:
+        raw.execute("PRAGMA wal_autocheckpoint=0")
+        raw.execute("CREATE TABLE scratch(x)")
+        raw.execute("INSERT INTO scratch VALUES (1)")  # a WAL with frames, held by the raw connection
+        ls.open(path).close()
+        subprocess.run([sys.executable, "-c", "import sys, localstore as ls; ls.open(sys.argv[1]).close()", str(path)],
+                       check=True, env=subprocess_env)
+        assert os.path.exists(f"{path}-wal"), "another process's close deleted the WAL the raw connection still uses"
+        assert raw.execute("SELECT x FROM scratch").fetchall() == [(1,)]
+    finally:
+        raw.close()
