@@ -38,11 +38,28 @@ def scanning() -> bool:
 
 
 def settled(path: Path | str, collection: str = "docs") -> None:
-    """After vec0 queries: every row indexed (catch-up), or the index a consistent subset (scan)."""
+    """After vec0 queries: every row indexed (catch-up), or the index a consistent subset (scan).
+
+    Either way each entry holds its row's current vector (and filter values, for ``docs``).
+    """
     if scanning():
         assert indexed(path, collection) <= live_rowids(path, collection)
     else:
         assert indexed(path, collection) == live_rowids(path, collection)
+    conn = raw(path)
+    try:
+        rows = {int(r[0]): tuple(r[1:]) for r in conn.execute(f'SELECT rowid, * FROM "{collection}"')}
+        meta = ", m_kind, m_n" if collection == "docs" else ""
+        for rowid, vector, *filters in conn.execute(f'SELECT rowid, embedding{meta} FROM "_ls_vec.{collection}.v"'):
+            row = rows[int(rowid)]
+            stored = row[3] if collection == "docs" else row[-3]  # docs: id, kind, n, v, _ls_seq, _ls_hlc
+            if len(vector) == len(stored):  # an int8 index holds codes, not comparable bytes
+                got, want = np.frombuffer(vector, dtype="<f4"), np.frombuffer(stored, dtype="<f4")
+                assert np.array_equal(got, want) or np.allclose(got, np.sqrt(want), rtol=1e-6)  # Fisher-Rao: sqrt(p)
+            if collection == "docs":
+                assert filters == [row[1], row[2] if row[2] is not None else -(2**63)]
+    finally:
+        conn.close()
 
 
 def catch_up(store: ls.Store, coll: ls.Collection) -> None:
@@ -479,3 +496,39 @@ def test_a_reader_blocked_by_a_long_writer_scans_the_waiting_rows(tmp_path: Path
     assert got == [[h.key for h in coll.nearest("v", q, k=5, engine="cache")] for q in queries]
     reader.close()
     writer.close()
+
+
+def test_pulled_rows_over_indexed_and_waiting_rows(tmp_path: Path, pg_url: str, pg_schema: str) -> None:
+    """The replica path: pulled puts and deletes land on rows below W (indexed now) and above it (waiting)."""
+    from localstore.sync import SyncEngine, subscribe
+
+    rng = np.random.default_rng(17)
+    ws = ls.Workspace(tmp_path / "ws")
+    a, b = ws.open("a"), ws.open("b")
+    ca, cb = declare(a), declare(b)
+    queries = vectors(rng, 3)
+    cb.put_many(rows(rng, [f"k{i}" for i in range(100)]))
+    catch_up(b, cb)  # W = 100 in b
+    cb.put_many(rows(rng, [f"w{i}" for i in range(20)]))  # waiting in b
+    ca.put_many(rows(rng, ["k1", "k2", "w1", "w2", "new1", "new2"]))  # over b's indexed and waiting rows
+    subscribe(b, "docs")
+    engine = SyncEngine(ws, pg_url, schema=pg_schema, watch=False)
+    try:
+        engine.sync_now()
+        engine.sync_now()
+        assert cb.get("new1") is not None
+        assert_same(cb, cb, queries)
+        ca.delete_many(["k1", "w1"])
+        ca.put_many(rows(rng, ["k2", "w2", "new3"]))
+        engine.sync_now()
+        engine.sync_now()
+        assert cb.get("k1") is None and cb.get("w1") is None and cb.get("new3") is not None
+        assert_same(cb, cb, queries)
+        settled(b.path)
+        catch_up(b, cb)
+        assert indexed(b.path) == live_rowids(b.path)
+        report = b.verify()
+        assert report.ok, report.problems
+    finally:
+        engine.close()
+        ws.close()
