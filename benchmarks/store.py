@@ -413,6 +413,49 @@ def bench_open(report: Report, scratch: Scratch, rows: list[dict[str, Any]], siz
     )
 
 
+def bench_open_after_crash(report: Report, scratch: Scratch, rows: list[dict[str, Any]], sizes: Sizes) -> None:
+    """Open a store a crash left with a ~4 MB WAL: ``ls.open`` checks the WAL first (localstore.walcheck).
+
+    The baseline is a bare apsw open and first query of the same files, which runs
+    SQLite's own WAL recovery; both start from a fresh copy of the crash-time files.
+    """
+    path = scratch.path("crashed")
+    store, coll = new_collection(path)
+    store._db.execute("PRAGMA wal_autocheckpoint=0")
+    chunk = max(1, len(rows) // 10)
+    while os.path.getsize(f"{path}-wal") < 4_000_000:  # what a crash leaves: committed frames only in the WAL
+        coll.put_many([dict(r, id=f"{r['id']}-{uuid.uuid4().hex[:6]}") for r in rows[:chunk]])
+    files = {s: open(f"{path}{s}", "rb").read() for s in ("", "-wal", "-shm")}  # noqa: SIM115
+    wal_mb = len(files["-wal"]) / 1e6
+    store.close()
+
+    def restore() -> list[Any]:
+        for suffix, data in files.items():
+            with open(f"{path}{suffix}", "wb") as handle:
+                handle.write(data)
+        return []
+
+    def close_all(held: list[Any]) -> None:
+        for handle in held:
+            handle.close()
+
+    def bare(held: list[Any]) -> None:
+        conn = apsw.Connection(path)
+        conn.execute("SELECT count(*) FROM sqlite_schema").fetchall()
+        held.append(conn)
+
+    cases = [
+        Case("open_crashed.localstore", lambda held: held.append(ls.open(path)), setup=restore, teardown=close_all,
+             label=f"open after a crash ({wal_mb:.1f} MB WAL): localstore.open, WAL checked first"),
+        Case("open_crashed.apsw", bare, setup=restore, teardown=close_all,
+             label=f"open after a crash ({wal_mb:.1f} MB WAL): bare apsw + first query (SQLite's recovery)"),
+    ]
+    report.add(*measure(cases, max(3, sizes.opens // 20), warmup=1, progress="open after a crash"))
+    scratch.remove(path)
+    report.cost_ratio("open_crashed.vs_apsw", f"open after a crash, {wal_mb:.1f} MB WAL: localstore / bare apsw (time)",
+                      "open_crashed.localstore", "open_crashed.apsw")
+
+
 def bench_workspace(report: Report, root: str, sizes: Sizes) -> None:
     """A workspace of many stores: list names, and open then close every store."""
     folder = os.path.join(root, "workspace")
@@ -514,6 +557,7 @@ def run(quick: bool = False) -> Report:
         bench_put_many(report, scratch, rows, sizes)
         bench_single(report, scratch, rows, sizes)
         bench_open(report, scratch, rows, sizes)
+        bench_open_after_crash(report, scratch, rows, sizes)
         bench_workspace(report, root, sizes)
     report.notes += [
         (
