@@ -32,7 +32,7 @@ import binascii
 import contextlib
 import os
 import stat
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import apsw
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -81,7 +81,7 @@ class _Forgotten:
 
     _instance: _Forgotten | None = None
 
-    def __new__(cls) -> _Forgotten:
+    def __new__(cls) -> Self:
         if cls._instance is None:
             cls._instance = super().__new__(cls)
         return cls._instance
@@ -436,7 +436,7 @@ class KeyRing:
         if row is None:
             raise MissingKeyError(f"store {self.store.path}: key {key_id} is not in this store's key table "
                                   "(the table was altered or damaged); restore the store from a backup or a sync")
-        kind, state, wrapped = row
+        _kind, state, wrapped = row
         if state == "forgotten":
             self._forgotten.add(key_id)
             return None

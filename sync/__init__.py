@@ -9,6 +9,7 @@ The URL defaults to ``LOCALSTORE_POSTGRES_URL``, else ``DATABASE_URL``. Its pass
 is redacted from every log line, error and status output.
 """
 
+from . import tenancy
 from .batching import Backoff, Debouncer, Positions, plan
 from .central import DEFAULT_SCHEMA, SCHEMA_VERSION, Central, state_table_name
 from .engine import SyncEngine
@@ -24,7 +25,6 @@ from .errors import (
     TenancyError,
     UnreachableError,
 )
-from . import tenancy
 from .replicate import pull, restore, subscribe
 from .status import StoreStatus, status
 from .url import redact, resolve_url
@@ -32,6 +32,8 @@ from .views import DEFAULT_VIEWS_SCHEMA, KIT_TABLES, create_kit_views
 
 __all__ = [
     "DEFAULT_SCHEMA",
+    "DEFAULT_VIEWS_SCHEMA",
+    "KIT_TABLES",
     "SCHEMA_VERSION",
     "AuthenticationError",
     "Backoff",
@@ -49,6 +51,7 @@ __all__ = [
     "SyncError",
     "TenancyError",
     "UnreachableError",
+    "create_kit_views",
     "plan",
     "pull",
     "redact",
@@ -58,7 +61,4 @@ __all__ = [
     "status",
     "subscribe",
     "tenancy",
-    "create_kit_views",
-    "KIT_TABLES",
-    "DEFAULT_VIEWS_SCHEMA",
 ]

@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Self
 
 from localstore.store import Store
 from localstore.workspace import SUFFIX, Workspace
@@ -186,7 +186,7 @@ class SyncEngine:
         self._centrals.clear()
         log.info("sync engine stopped", extra={"event": "stopped", "folder": self.folder})
 
-    def __enter__(self) -> SyncEngine:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

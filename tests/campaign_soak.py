@@ -370,17 +370,17 @@ def run_campaign(minutes: float, folder: Path, *, stores: int = 50, writers: int
 
 def report(fig: Figures) -> str:
     lines = [
-        f"soak: {fig.minutes:g} min, {fig.stores} stores, {fig.writers} writer processes at {fig.rate:g} changes/s, "
-        f"Postgres restarted {fig.restarts} times",
-        f"  writes: {fig.inserts} inserts, {fig.updates} updates, {fig.deletes} deletes; errors seen by writers: "
-        f"{fig.writer_errors}",
+        (f"soak: {fig.minutes:g} min, {fig.stores} stores, {fig.writers} writer processes at {fig.rate:g} changes/s, "
+        f"Postgres restarted {fig.restarts} times"),
+        (f"  writes: {fig.inserts} inserts, {fig.updates} updates, {fig.deletes} deletes; errors seen by writers: "
+        f"{fig.writer_errors}"),
         f"  lag commit -> Postgres (ms), all rows: {fig.lag_ms}",
         f"  lag away from restarts (ms):           {fig.lag_steady_ms}",
         f"  WAL: largest -wal seen {fig.wal_max_bytes / 1e6:.2f} MB, at the end {fig.wal_final_max_bytes / 1e6:.2f} MB",
-        f"  daemon RSS: {fig.daemon_rss_warm_mb} MiB after warm-up, {fig.daemon_rss_end_mb} MiB at the end, "
-        f"max {fig.daemon_rss_max_mb} MiB; exit on SIGTERM {fig.daemon_exit}; error log lines {fig.daemon_log_errors}",
-        f"  final drain {fig.drain_s} s; central vs local mismatches {len(fig.mismatches)}; verify problems "
-        f"{len(fig.verify_problems)}",
+        (f"  daemon RSS: {fig.daemon_rss_warm_mb} MiB after warm-up, {fig.daemon_rss_end_mb} MiB at the end, "
+        f"max {fig.daemon_rss_max_mb} MiB; exit on SIGTERM {fig.daemon_exit}; error log lines {fig.daemon_log_errors}"),
+        (f"  final drain {fig.drain_s} s; central vs local mismatches {len(fig.mismatches)}; verify problems "
+        f"{len(fig.verify_problems)}"),
     ]
     for problem in (fig.writer_error_samples + fig.mismatches + fig.verify_problems)[:10]:
         lines.append(f"    {problem}")

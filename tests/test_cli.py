@@ -7,8 +7,8 @@ import os
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import apsw
+import numpy as np
 import pytest
 from conftest import PYTHON
 

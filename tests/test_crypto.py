@@ -136,9 +136,8 @@ def test_swapped_ciphertext_between_stores_fails(tmp_path: Path) -> None:
         with ls.open(path, key=KEY) as store:
             _people(store).put({"id": "k", "owner": "o", "email": f"{path.stem}@x", "phone": "1"})
     _set_raw(b, "people", "email", "k", _raw(a, "people", "email", "k"))
-    with ls.open(b, key=KEY) as store:
-        with pytest.raises(ls.TamperedValueError, match="'email'"):
-            store.collection("people").get("k")
+    with ls.open(b, key=KEY) as store, pytest.raises(ls.TamperedValueError, match="'email'"):
+        store.collection("people").get("k")
 
 
 def test_every_flipped_bit_is_detected(tmp_path: Path) -> None:
@@ -286,15 +285,13 @@ def test_rolled_back_first_encrypted_write_leaves_usable_keys(tmp_path: Path) ->
     path = tmp_path / "s.db"
     with ls.open(path, key=KEY) as store:
         people = _people(store)
-        with pytest.raises(RuntimeError):
-            with store.transaction():
-                people.put({"id": "a", "owner": "o1", "email": "a@x", "notes": "n"})
-                raise RuntimeError("roll back the keys made for this write")
+        with pytest.raises(RuntimeError), store.transaction():
+            people.put({"id": "a", "owner": "o1", "email": "a@x", "notes": "n"})
+            raise RuntimeError("roll back the keys made for this write")
         with store.transaction():
-            with pytest.raises(RuntimeError):
-                with store.transaction():
-                    people.put({"id": "b", "owner": "o2", "email": "b@x", "notes": "n"})
-                    raise RuntimeError("savepoint rollback")
+            with pytest.raises(RuntimeError), store.transaction():
+                people.put({"id": "b", "owner": "o2", "email": "b@x", "notes": "n"})
+                raise RuntimeError("savepoint rollback")
             people.put({"id": "c", "owner": "o2", "email": "c@x", "notes": "m"})
         people.put({"id": "d", "owner": "o1", "email": "d@x", "notes": "k"})
     with ls.open(path, key=KEY) as store:

@@ -148,9 +148,8 @@ def test_rotation_needs_the_current_key(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     with ls.open(path, key=KEY) as store:
         _notes(store).put(_rows(1)[0])
-    with ls.open(path) as store:
-        with pytest.raises(ls.MissingKeyError):
-            store.rotate_key(ls.generate_key())
+    with ls.open(path) as store, pytest.raises(ls.MissingKeyError):
+        store.rotate_key(ls.generate_key())
     with ls.open(path, key=KEY) as store:
         with pytest.raises(ls.KeyFileError):
             store.rotate_key("nope")
@@ -239,7 +238,7 @@ def test_forgotten_sentinel(tmp_path: Path) -> None:
 
     assert not ls.FORGOTTEN and repr(ls.FORGOTTEN) == "localstore.FORGOTTEN"
     assert ls.Forgotten() is ls.FORGOTTEN and pickle.loads(pickle.dumps(ls.FORGOTTEN)) is ls.FORGOTTEN
-    assert ls.FORGOTTEN != "" and ls.FORGOTTEN != None  # noqa: E711
+    assert ls.FORGOTTEN != "" and ls.FORGOTTEN != None
 
 
 def test_two_connections_writing_encrypted_rows_share_keys_safely(tmp_path: Path) -> None:

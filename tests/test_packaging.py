@@ -5,12 +5,13 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-import localstore as ls
 from conftest import ROOT
+
+import localstore as ls
 
 
 def test_sync_folder_is_imported_as_localstore_sync() -> None:
-    import localstore.sync as sync
+    from localstore import sync
 
     assert Path(sync.__file__).resolve().parent == ROOT / "sync"
     assert sync.__doc__ and "Postgres" in sync.__doc__

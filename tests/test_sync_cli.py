@@ -249,8 +249,9 @@ def test_a_subscriber_pulls_other_stores_writes_without_writing_itself(
     fields = {"fact": ls.Text(), "value": ls.Real()}
     fa = a.collection("facts", key="fact", fields=fields)
     fb = b.collection("facts", key="fact", fields=fields)
-    from localstore import replica
     from localstore.sync import subscribe
+
+    from localstore import replica
 
     subscribe(b, "facts")
     engine = SyncEngine(ws, pg_url, schema=pg_schema).start()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import psycopg
 import pytest
-
 from localstore.sync.errors import ConfigError, PostgresError, wrap
 from localstore.sync.url import redact_text
 

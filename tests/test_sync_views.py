@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import psycopg
-from localstore.sync import SyncEngine, create_kit_views
+from localstore.sync import KIT_TABLES, SyncEngine, create_kit_views
 from psycopg import sql
 
 import localstore as ls
@@ -16,7 +16,6 @@ from localstore.kits.kernels import KernelGeometry
 from localstore.kits.memory import AgentMemory
 from localstore.kits.profiles import LearningProfiles
 from localstore.kits.telemetry import Telemetry
-from localstore.sync import KIT_TABLES
 
 
 def _basin(rng: np.random.Generator, dim: int = 64) -> np.ndarray:
