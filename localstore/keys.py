@@ -32,7 +32,7 @@ import binascii
 import contextlib
 import os
 import stat
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
 import apsw
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -81,7 +81,7 @@ class _Forgotten:
 
     _instance: _Forgotten | None = None
 
-    def __new__(cls) -> Self:
+    def __new__(cls) -> _Forgotten:  # noqa: PYI034 - the one instance, even for a subclass
         if cls._instance is None:
             cls._instance = super().__new__(cls)
         return cls._instance

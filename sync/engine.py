@@ -134,7 +134,7 @@ class SyncEngine:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def start(self) -> SyncEngine:
+    def start(self) -> Self:
         """Start watching and the background thread; every store is synced once right away. Returns self."""
         if self._thread is not None:
             return self
