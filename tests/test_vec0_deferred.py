@@ -532,3 +532,45 @@ def test_pulled_rows_over_indexed_and_waiting_rows(tmp_path: Path, pg_url: str, 
     finally:
         engine.close()
         ws.close()
+
+
+def test_catch_ups_racing_two_writer_processes(tmp_path: Path) -> None:
+    """Two processes put, update and delete while this one queries through vec0; in the end vec0 equals the cache."""
+    rng = np.random.default_rng(18)
+    path = tmp_path / "s.db"
+    store = ls.open(path, vector_cache=False)
+    coll = declare(store)
+    coll.put_many(rows(rng, [f"seed{i}" for i in range(50)]))
+    script = textwrap.dedent(f"""
+        import sys, numpy as np
+        sys.path.insert(0, {str(ROOT)!r})
+        import localstore as ls
+        me = sys.argv[1]
+        rng = np.random.default_rng(int(me == "b"))
+        s = ls.open({str(path)!r})
+        c = s.collection("docs")
+        for step in range(60):
+            vs = rng.normal(size=(5, {DIM})).astype(np.float32)
+            c.put_many([{{"id": f"{{me}}{{step}}-{{i}}", "kind": "ab"[i % 2], "n": i, "v": vs[i]}} for i in range(5)])
+            if step % 3 == 0:
+                c.update(f"{{me}}{{step}}-0", {{"v": vs[4], "kind": "b"}})
+            if step % 4 == 1:
+                c.delete_many([f"{{me}}{{step - 1}}-1", f"seed{{step}}"])
+        s.close()
+    """)
+    children = [subprocess.Popen([sys.executable, "-c", script, who]) for who in ("a", "b")]
+    queries = vectors(rng, 2)
+    try:
+        while any(child.poll() is None for child in children):
+            for q in queries:
+                coll.nearest("v", q, k=5, engine="vec0")
+    finally:
+        for child in children:
+            assert child.wait(timeout=120) == 0
+    cached = ls.open(path)
+    assert_same(coll, cached.collection("docs"), queries)
+    settled(path)
+    report = store.verify()
+    assert report.ok, report.problems
+    cached.close()
+    store.close()
