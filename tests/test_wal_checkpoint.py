@@ -32,10 +32,13 @@ def test_bad_mode_is_refused_before_the_file_is_made(tmp_path: Path) -> None:
     assert not path.exists()
 
 
-def test_background_store_reads_and_writes_as_usual_and_removes_its_wal(tmp_path: Path) -> None:
+@pytest.mark.parametrize("durability", ["normal", "full"])
+def test_background_store_reads_and_writes_as_usual_and_removes_its_wal(tmp_path: Path, durability: str) -> None:
     path = tmp_path / "s.db"
-    with ls.open(path, wal_checkpoint="background") as store:
+    with ls.open(path, wal_checkpoint="background", durability=durability) as store:
         assert store.wal_checkpoint == "background"
+        sync = store._wal._conn.execute("PRAGMA synchronous").fetchone()[0]  # type: ignore[union-attr]
+        assert sync == {"normal": 1, "full": 2}[durability]  # the thread syncs as the store does
         coll = blobs(store)
         for i in range(300):
             coll.put({"k": i, "pad": bytes([i % 256]) * 9_000})
