@@ -428,6 +428,12 @@ def stats(store: Store) -> StoreStats:
                 "fields": {f: spec.describe() for f, spec in sch.fields.items()},
                 "sync": sch.sync,
                 "ttl": sch.ttl,
+                # Rows with a vector that wait for their vec0 index's next catch-up, per vector field.
+                "vector_index_waiting": {
+                    f: int(scalar(db, f"SELECT count(*) FROM {sch.table} WHERE rowid > ? AND {quote(f)} IS NOT NULL",
+                                  (index.indexed_through(db),)))
+                    for f, index in DerivedIndexes(sch).vectors.items()
+                },
             }
         last_seq = int(scalar(db, "SELECT coalesce((SELECT value FROM _ls_meta WHERE key='last_seq'), 0)"))
         watermark = int(scalar(db, "SELECT coalesce((SELECT value FROM _ls_meta WHERE key='watermark'), 0)"))

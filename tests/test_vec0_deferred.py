@@ -574,3 +574,14 @@ def test_catch_ups_racing_two_writer_processes(tmp_path: Path) -> None:
     assert report.ok, report.problems
     cached.close()
     store.close()
+
+
+def test_stats_counts_the_rows_waiting_for_each_vector_index(tmp_path: Path) -> None:
+    rng = np.random.default_rng(19)
+    store = ls.open(tmp_path / "s.db")
+    coll = declare(store)
+    coll.put_many(rows(rng, [f"k{i}" for i in range(30)]) + [{"id": "none", "kind": "a", "n": 1, "v": None}])
+    assert store.stats().collections["docs"]["vector_index_waiting"] == {"v": 30}
+    catch_up(store, coll)
+    assert store.stats().collections["docs"]["vector_index_waiting"] == {"v": 0}
+    store.close()
