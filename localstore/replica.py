@@ -377,6 +377,14 @@ def _update_derived(coll: Any, written: list[tuple[int, tuple[Any, ...]]], remov
     if derived.empty or not (written or removed):
         return
     db, store = coll.store._db, coll.store
+    if written:
+        # One batch may put a key and then delete it: such a row is gone, not written (else its
+        # entries would be re-added after the delete). A rowid reused later in the batch stays written.
+        ids = json.dumps(sorted({r for r, _ in written}))
+        present = {int(r[0]) for r in db.execute(
+            f"SELECT rowid FROM {coll._schema.table} WHERE rowid IN (SELECT value FROM json_each(?))", (ids,))}
+        removed = removed + [r for r, _ in written if r not in present]
+        written = [(r, b) for r, b in written if r in present]
     rowids = [r for r, _ in written]
     if removed:
         derived.delete(db, removed)

@@ -585,3 +585,41 @@ def test_stats_counts_the_rows_waiting_for_each_vector_index(tmp_path: Path) -> 
     catch_up(store, coll)
     assert store.stats().collections["docs"]["vector_index_waiting"] == {"v": 0}
     store.close()
+
+
+def test_one_pulled_batch_that_puts_then_deletes_a_key(tmp_path: Path) -> None:
+    """apply_remote sees a put and a delete of one key (and a rowid reused) in one batch; indexes and cache end right."""
+    from localstore.replica import RemoteRow, apply_remote
+
+    rng = np.random.default_rng(20)
+    store = ls.open(tmp_path / "s.db")
+    coll = declare(store)
+    queries = vectors(rng, 2)
+    coll.put_many(rows(rng, [f"k{i}" for i in range(20)]))
+    catch_up(store, coll)  # W = 20
+    coll.nearest("v", queries[0], k=3, engine="cache")  # a warm cache, to be patched
+    coll.delete_many(["k18", "k19"])  # rowids 19, 20 free again, below W
+
+    def remote(key: str, n: int | None, hlc: int) -> RemoteRow:
+        values = None if n is None else {"kind": "a", "n": n, "v": vectors(rng, 1)[0].tobytes()}
+        return RemoteRow(key, values, "other-store", hlc)
+
+    base = 2**60
+    apply_remote(store, "docs", [
+        remote("r1", 1, base + 1),  # rowid 19 (below W)
+        remote("r1", None, base + 2),  # and gone again
+        remote("r2", 2, base + 3),  # reuses rowid 19
+        remote("r3", 3, base + 4),  # rowid 20
+        remote("r4", 4, base + 5),  # rowid 21 (above W)
+        remote("r4", None, base + 6),
+        remote("k3", None, base + 7),
+        remote("r3", None, base + 8),  # rowid 20 (below W) written, then gone for good
+    ])
+    assert {r["id"] for r in coll.find()} == {f"k{i}" for i in range(18) if i != 3} | {"r2"}
+    report = store.verify()
+    assert report.ok, report.problems
+    assert_same(coll, coll, queries)
+    catch_up(store, coll)
+    assert indexed(store.path) == live_rowids(store.path)
+    settled(store.path)
+    store.close()
