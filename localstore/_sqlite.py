@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -113,6 +114,11 @@ def check_vfs(vfs: str | None, path: str) -> None:
         )
 
 
+#: The file of every connection ``connect`` made, readable while the connection is busy in
+#: another thread (apsw refuses ``conn.filename`` then); see ``walcheck``.
+OPEN_PATHS: weakref.WeakKeyDictionary[apsw.Connection, str] = weakref.WeakKeyDictionary()
+
+
 def connect(
     path: str,
     *,
@@ -134,6 +140,7 @@ def connect(
         conn = apsw.Connection(path, flags=flags, vfs=vfs)
     except apsw.Error as exc:
         raise translate(exc, path) from None
+    OPEN_PATHS[conn] = os.path.realpath(path)
     try:
         for step in SETUP_STEPS:
             retry_busy(lambda step=step: step(conn, opts), path=path)  # type: ignore[misc]

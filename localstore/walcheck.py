@@ -217,9 +217,27 @@ def inspect(path: str, wal: bytes, db_header: bytes | None = None, shm: bytes | 
 
 
 def _open_in_process(path: str) -> bool:
-    """Whether an apsw connection of this process has the database ``path`` open."""
+    """Whether an apsw connection of this process may have the database ``path`` open.
+
+    Connections localstore made are known by path without touching them; another
+    (raw) connection busy in another thread cannot say its file (apsw refuses), so it
+    counts as a maybe: better to skip the check than to drop its locks.
+    """
+    from ._sqlite import OPEN_PATHS
+
     target = os.path.realpath(path)
-    return any(conn.filename and os.path.realpath(conn.filename) == target for conn in apsw.connections())
+    for conn in apsw.connections():
+        name = OPEN_PATHS.get(conn)
+        if name is None:
+            try:
+                name = os.path.realpath(conn.filename) if conn.filename else ""
+            except apsw.ThreadingViolationError:
+                return True
+            except apsw.ConnectionClosedError:
+                continue
+        if name == target:
+            return True
+    return False
 
 
 def _own_descriptor(path: str) -> int | None:

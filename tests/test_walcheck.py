@@ -301,3 +301,41 @@ def test_a_raw_apsw_connection_in_the_same_process_keeps_its_locks(tmp_path: Pat
         assert raw.execute("SELECT x FROM scratch").fetchall() == [(1,)]
     finally:
         raw.close()
+
+
+def test_open_while_other_connections_are_busy_in_other_threads(tmp_path: Path) -> None:
+    # apsw refuses to tell a connection's file while another thread runs a statement on it;
+    # the check must neither fail the open nor guess "not this file" for a raw connection.
+    import threading
+
+    import apsw
+
+    crashed, files = crashed_store(tmp_path)
+    restore(crashed, files)  # a WAL to check, from a "crash"
+    busy_store = ls.open(tmp_path / "other.db")
+    raw = apsw.Connection(str(tmp_path / "raw.db"))
+    release = threading.Event()
+    running = threading.Barrier(3)
+
+    def hold() -> int:  # a statement that runs until the test lets it go
+        running.wait()
+        release.wait(60)
+        return 1
+
+    for conn in (busy_store._db, raw):
+        conn.create_scalar_function("hold", hold, 0)
+    threads = [threading.Thread(target=lambda c=c: c.execute("SELECT hold()").fetchall()) for c in (busy_store._db, raw)]
+    try:
+        for t in threads:
+            t.start()
+        running.wait()
+        assert walcheck._open_in_process(str(crashed))  # the busy raw connection might be this file
+        with ls.open(crashed) as store:  # and the open goes through all the same
+            assert store.collection("t").count() == 90
+    finally:
+        release.set()
+        for t in threads:
+            t.join()
+        busy_store.close()
+        raw.close()
+    assert not walcheck._open_in_process(str(crashed))
