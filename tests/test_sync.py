@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -260,6 +261,9 @@ def test_pull_subscribes_to_other_stores_rows_last_writer_wins(tmp_path: Path, p
     fa = a.collection("facts", key="fact", fields=fields)
     fb = b.collection("facts", key="fact", fields=fields)
     fa.put_many([{"fact": f"f{i}", "value": float(i), "v": [i, 0, 0, 1]} for i in range(20)])
+    # HLCs of two stores order by wall-clock millisecond first: within the same millisecond a's
+    # 20 puts would count past b's one (a put_many of 20 rows can take well under 1 ms).
+    time.sleep(0.002)
     fb.put({"fact": "f3", "value": -1.0})   # b's own version of f3, written later: it wins over a's
     fb.put({"fact": "mine", "value": 42.0})
     subscribe(b, "facts")
