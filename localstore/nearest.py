@@ -138,8 +138,8 @@ def nearest(
             mask = cache.where_mask(conditions) if conditions else None
             results = cache.search(queries, k, mask)
         else:
-            index = coll._derived.vectors[field]
-            through = _catch_up(coll, index)
+            through = _catch_up(coll, field)
+            index = coll._derived.vectors[field]  # after the catch-up, which may have reloaded the schema
             waiting = _waiting_rowids(coll, spec, through, conditions) if through is not None else []
             results = [_vec0_exact(coll, spec, index, q, k, where, waiting) for q in queries]
         rows = _rows_by_rowid(coll, sorted({r for result in results for r, _ in result}))
@@ -147,7 +147,7 @@ def nearest(
     return hits if batch else hits[0]
 
 
-def _catch_up(coll: Collection, index: Any) -> int | None:
+def _catch_up(coll: Collection, field: str) -> int | None:
     """Make the vec0 index answer for every row; return W when the rows above it must be scanned instead.
 
     Inside a transaction the catch-up joins it (and is rolled back with it). Outside,
@@ -158,17 +158,17 @@ def _catch_up(coll: Collection, index: Any) -> int | None:
     store = coll.store
     db = store._db
     if store._depth:
-        index.catch_up(db)
+        coll._derived.vectors[field].catch_up(db)
         return None
-    waiting = index.waiting(db, DEFAULT_PENDING_SCAN + 1)
+    waiting = coll._derived.vectors[field].waiting(db, DEFAULT_PENDING_SCAN + 1)
     if waiting is None:
         return None
     through, count = waiting
     if count <= DEFAULT_PENDING_SCAN:
         return int(through)
     try:
-        with store.transaction():
-            index.catch_up(store._db)
+        with store.transaction():  # which reloads the schema if another process changed it
+            coll._derived.vectors[field].catch_up(store._db)
     except (StoreBusyError, ReadOnlyStoreError):
         return int(through)
     return None

@@ -623,3 +623,23 @@ def test_one_pulled_batch_that_puts_then_deletes_a_key(tmp_path: Path) -> None:
     assert indexed(store.path) == live_rowids(store.path)
     settled(store.path)
     store.close()
+
+
+def test_another_handle_adds_a_filter_field_while_rows_wait(tmp_path: Path) -> None:
+    rng = np.random.default_rng(21)
+    path = tmp_path / "s.db"
+    a = ls.open(path, vector_cache=False)
+    ca = declare(a)
+    ca.put_many(rows(rng, [f"k{i}" for i in range(40)]))
+    b = ls.open(path)
+    cb = b.collection("docs", key="id", fields={**ca.fields, "extra": ls.Text(filter=True, nullable=True)})
+    cb.put_many([{**r, "extra": "x"} for r in rows(rng, [f"e{i}" for i in range(10)])])  # waiting again
+    queries = vectors(rng, 2)
+    for where in (None, {"extra": "x"}, {"extra": None}):
+        for q in queries:
+            got = [h.key for h in ca.nearest("v", q, k=6, where=where, engine="vec0")]
+            assert got == [h.key for h in cb.nearest("v", q, k=6, where=where, engine="cache")]
+    settled(path)
+    assert a.verify().ok
+    a.close()
+    b.close()
