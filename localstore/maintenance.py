@@ -358,7 +358,8 @@ def optimize(store: Store, *, vacuum: bool | None = None) -> dict[str, Any]:
             vacuum = pages > 0 and free / pages > DEFAULT_VACUUM_FREE_SHARE
         if vacuum:
             retry_busy(lambda: db.execute("VACUUM"), path=store.path)
-        retry_busy(lambda: db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall(), path=store.path)
+        with store._wal_idle():  # a background checkpointer mid-pass would make SQLite skip this one
+            retry_busy(lambda: db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall(), path=store.path)
         return {"rebuilt_indexes": rebuilt, "vacuumed": bool(vacuum)}
 
 

@@ -158,3 +158,14 @@ def test_a_store_dropped_without_close_stops_its_thread(tmp_path: Path) -> None:
     assert not thread.is_alive()
     with ls.open(tmp_path / "s.db") as again:
         assert blobs(again).get(1)["pad"] == b"x"  # type: ignore[index]
+
+
+def test_optimize_truncates_the_wal_while_the_thread_runs(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with ls.open(path, wal_checkpoint="background") as store:
+        coll = blobs(store)
+        for round_ in range(5):
+            coll.put_many([{"k": round_ * 100 + i, "pad": os.urandom(20_000)} for i in range(100)])
+            store.optimize()
+            assert os.path.getsize(f"{path}-wal") == 0, f"round {round_}: optimize left the WAL unreset"
+        assert coll.count() == 500
