@@ -22,7 +22,7 @@ import numpy as np
 from ._sqlite import boundary, quote, scalar
 from .derived import DerivedIndexes
 from .errors import ValidationError
-from .fields import Field, Integer, Real, Text, Vector
+from .fields import Field, Integer, Real, Text, Vector, raise_bad_text
 from .query import check_limit, compile_fields, compile_order, compile_where
 from .schema import CollectionSchema
 
@@ -591,15 +591,3 @@ class Collection:
     def __iter__(self) -> Any:
         return iter(self.find())
 
-
-def raise_bad_text(collection: str, values: Iterable[tuple[Any, str, Any]]) -> None:
-    """Raise ``ValidationError`` naming the first (key, field, value) whose text is not valid UTF-8 (a lone surrogate)."""
-    for key, name, value in values:
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise ValidationError(
-                    f"{collection}.{name}: expected valid unicode text, got a lone surrogate "
-                    f"{exc.object[exc.start:exc.end]!r} in key {key!r}; nothing was written"
-                ) from None

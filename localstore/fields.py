@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -237,7 +238,7 @@ class Real(Field):
                 value = float(value)
             except OverflowError:
                 raise self._fail("a number within float range", value) from None
-            if value != value:
+            if value != value:  # noqa: PLR0124 - NaN, the one float unequal to itself
                 raise self._fail("a number (NaN cannot be stored; use None)", value)
             return value
         raise self._fail("a float or int", value)
@@ -470,3 +471,16 @@ FIELD_TYPES: dict[str, type[Field]] = {
 
 #: Field types a collection key may have.
 KEY_TYPES = (Text, Integer)
+
+
+def raise_bad_text(collection: str, values: Iterable[tuple[Any, str, Any]]) -> None:
+    """Raise ``ValidationError`` naming the first (key, field, value) whose text is not valid UTF-8 (a lone surrogate)."""
+    for key, name, value in values:
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValidationError(
+                    f"{collection}.{name}: expected valid unicode text, got a lone surrogate "
+                    f"{exc.object[exc.start:exc.end]!r} in key {key!r}; nothing was written"
+                ) from None

@@ -184,7 +184,7 @@ def _write(coll: Collection, db: Any, checked: list[tuple[Any, dict[str, Any]]],
 
 def _raise_bad_text(coll: Collection, checked: list[tuple[Any, dict[str, Any]]]) -> None:
     """Name the field whose text SQLite could not take as UTF-8 (a lone surrogate)."""
-    from .collection import raise_bad_text
+    from .fields import raise_bad_text
 
     raise_bad_text(coll.name, ((key, name, value) for key, values in checked for name, value in values.items()))
 
