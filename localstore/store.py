@@ -12,11 +12,8 @@ retries), never surfacing "database is locked".
 
 from __future__ import annotations
 
-import builtins
 import contextlib
-import logging
 import os
-import shutil
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -25,8 +22,7 @@ from typing import TYPE_CHECKING, Any, Self
 import apsw
 import msgpack
 
-from . import checksums as checksums_mod
-from . import clock, walcheck
+from . import clock, opening, walcheck
 from . import schema as schema_mod
 from ._sqlite import (
     DEFAULT_BUSY_TIMEOUT_MS,
@@ -34,14 +30,11 @@ from ._sqlite import (
     boundary,
     check_vfs,
     connect,
-    create_private_file,
     retry_busy,
     scalar,
-    translate,
 )
 from .derived import DerivedIndexes
 from .errors import (
-    CorruptStoreError,
     InvalidNameError,
     LocalStoreError,
     SchemaError,
@@ -115,35 +108,9 @@ class Store:
         check_vfs(vfs, self.path)  # before the file is created, so a typo leaves nothing behind
         if os.path.isdir(self.path):
             raise StoreOpenError(f"{self.path} is a directory; a store is a single file, e.g. {self.path}/agent.db")
-        if wal_damage not in WAL_DAMAGE:
-            raise StoreOpenError(f"wal_damage must be one of {', '.join(WAL_DAMAGE)}, got {wal_damage!r}")
-        header = _read_header(self.path)  # None: no file yet
-        if header is not None:
-            # Before SQLite reads the WAL: once it has, frames past a damaged one are gone without a trace.
-            _check_wal(self.path, header, wal_damage)
-        if checksums_mod.available():
-            # Registered before any store connection, so every apsw connection this process
-            # opens afterwards (a store's, or anyone's) keeps checksummed files' checksums current.
-            checksums_mod.register()
-        if checksums is None:  # the default: new stores get page checksums, unless a custom VFS was asked for
-            checksums = not header and checksums_mod.passes_through(vfs) and checksums_mod.available()
-        # A file that keeps page checksums is always opened through cksumvfs, so no writer
-        # of ours can leave its checksums stale.
-        use_checksums = bool(checksums) or (header is not None and checksums_mod.header_enabled(header))
-        if use_checksums:
-            if not checksums_mod.passes_through(vfs):
-                raise StoreOpenError(
-                    f"cannot open {self.path}: page checksums need the {checksums_mod.VFS_NAME!r} VFS, which "
-                    f"vfs={vfs!r} does not declare it wraps; build it on cksumvfs (apsw.VFS(name, base="
-                    f"{checksums_mod.VFS_NAME!r})) and call localstore.checksums.declare_layered({vfs!r})"
-                )
-            vfs = vfs or checksums_mod.register()
-        if header is None:
-            if not create:
-                raise StoreOpenError(f"no store at {self.path}: the file does not exist (localstore.open creates it unless create=False)")
-            create_private_file(self.path)
-        elif header and not header.startswith(_SQLITE_MAGIC):
-            raise translate(apsw.NotADBError("file is not a database"), self.path, "opening")
+        vfs, use_checksums = opening.prepare_file(
+            self.path, vfs=vfs, checksums=checksums, create=create, wal_damage=wal_damage
+        )
         self.durability = durability
         self.vfs = vfs
         self._lock = threading.RLock()
@@ -151,7 +118,7 @@ class Store:
             self.path,
             durability=durability,
             busy_timeout_ms=busy_timeout_ms,
-            check=lambda conn: _check_file(conn, self.path, use_checksums),
+            check=lambda conn: opening.check_file(conn, self.path, use_checksums),
             vfs=vfs,
         )
         try:
@@ -452,7 +419,7 @@ class Store:
         from .maintenance import verify
 
         report = verify(self)
-        damage = walcheck.check_live(self.path, _read_header(self.path))
+        damage = walcheck.check_live(self.path, opening.read_header(self.path))
         if damage is not None:
             report.problems.append(f"{damage.describe()}; readers see unchecked frames: restore from a backup")
         return report
@@ -565,51 +532,6 @@ def _open_keys_from(source: Any, store: Store, master: bytes | None) -> Store | 
             "pass the live store this backup was taken from"
         )
     return live
-
-
-_SQLITE_MAGIC = b"SQLite format 3\x00"
-
-
-def _check_file(conn: apsw.Connection, path: str, checksums: bool) -> None:
-    """Refuse a foreign file untouched; with checksums, reserve or check the page checksum bytes."""
-    schema_mod.check_store_file(conn, path)
-    if checksums:
-        checksums_mod.prepare(conn, path)
-
-
-#: What ``open`` does with a WAL whose damage would silently drop committed transactions.
-WAL_DAMAGE = ("raise", "discard")
-
-log = logging.getLogger(__name__)
-
-
-def _check_wal(path: str, header: bytes, wal_damage: str) -> None:
-    """Refuse (or, with ``wal_damage="discard"``, set aside a copy of) a WAL SQLite would silently truncate."""
-    damage = walcheck.check_file(path, header)
-    if damage is None:
-        return
-    if wal_damage == "raise":
-        raise CorruptStoreError(
-            f"{damage.describe()}. Nothing was changed. Restore the store from a backup (or a sync), or accept "
-            f"the loss with localstore.open({path!r}, wal_damage='discard'), which keeps a copy of the WAL "
-            f"as {path}-wal.damaged and opens the store as of frame {damage.kept}."
-        )
-    target = f"{path}-wal.damaged"
-    create_private_file(target)  # 0600 from the start; an older copy is overwritten
-    shutil.copyfile(f"{path}-wal", target)
-    os.chmod(target, 0o600)
-    log.warning("%s; a copy of the WAL is kept at %s", damage.describe(), target)
-
-
-def _read_header(path: str) -> bytes | None:
-    """The first 100 bytes of the file (SQLite's header; fewer if it is shorter), or None if there is no file."""
-    try:
-        with builtins.open(path, "rb") as handle:
-            return handle.read(100)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise StoreOpenError(f"cannot read {path}: {exc.strerror}") from None
 
 
 def open(
