@@ -153,7 +153,8 @@ def _catch_up(coll: Collection, field: str) -> int | None:
     Inside a transaction the catch-up joins it (and is rolled back with it). Outside,
     a few waiting rows are scanned beside the index, exactly, so a reader writes
     nothing; more are caught up in a write transaction of their own, unless another
-    writer holds the lock past the busy timeout or the file is read-only.
+    connection holds the write lock at that moment (the query does not wait for it)
+    or the file is read-only.
     """
     store = coll.store
     db = store._db
@@ -167,7 +168,9 @@ def _catch_up(coll: Collection, field: str) -> int | None:
     if count <= DEFAULT_PENDING_SCAN:
         return int(through)
     try:
-        with store.transaction():  # which reloads the schema if another process changed it
+        # Not waiting: a writer in another process may hold the lock for a long time, and
+        # scanning the waiting rows beside the index gives the same answer, only slower.
+        with store.transaction(_wait=False):  # which reloads the schema if another process changed it
             coll._derived.vectors[field].catch_up(store._db)
     except (StoreBusyError, ReadOnlyStoreError):
         return int(through)

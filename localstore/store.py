@@ -113,6 +113,7 @@ class Store:
         )
         self.durability = durability
         self.vfs = vfs
+        self._busy_timeout_ms = busy_timeout_ms
         self._lock = threading.RLock()
         self._conn: apsw.Connection | None = connect(
             self.path,
@@ -281,7 +282,7 @@ class Store:
     # -- transactions ----------------------------------------------------------------
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[Store]:
+    def transaction(self, *, _wait: bool = True) -> Iterator[Store]:
         """An atomic block over any number of collections; nests through savepoints.
 
         Any exception (including KeyboardInterrupt) rolls the block back and is
@@ -291,7 +292,10 @@ class Store:
             db = self._db
             if self._depth == 0:
                 with boundary(self.path, "starting a write transaction"):
-                    retry_busy(lambda: db.execute("BEGIN IMMEDIATE"), path=self.path)
+                    if _wait:
+                        retry_busy(lambda: db.execute("BEGIN IMMEDIATE"), path=self.path)
+                    else:
+                        self._begin_now(db)
                 self._depth, self._tx = 1, _TxState()
                 try:
                     with boundary(self.path, "writing"):
@@ -345,6 +349,14 @@ class Store:
                         db.execute(f"RELEASE {savepoint}")
                 finally:
                     self._depth -= 1
+
+    def _begin_now(self, db: apsw.Connection) -> None:
+        """BEGIN IMMEDIATE without waiting: StoreBusyError at once if another connection holds the write lock."""
+        db.set_busy_timeout(0)
+        try:
+            retry_busy(lambda: db.execute("BEGIN IMMEDIATE"), path=self.path, deadline_s=0)
+        finally:
+            db.set_busy_timeout(self._busy_timeout_ms)
 
     def _reload_after_rollback(self) -> None:
         """Bring cached collections back in line with the file after a rollback undid schema work."""

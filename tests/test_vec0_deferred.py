@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -477,23 +478,35 @@ def test_a_child_crashing_during_a_catch_up_changes_nothing(tmp_path: Path) -> N
 
 
 def test_a_reader_blocked_by_a_long_writer_scans_the_waiting_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Too many rows wait to scan, but another handle holds the write lock: the query scans them anyway."""
-    import localstore._sqlite as sqlite_module
+    """Too many rows wait to scan, but another handle holds the write lock: the query scans them, without waiting.
 
+    The reader keeps the default busy timeout (5 s) and retry deadline (60 s): a query
+    that waited for the lock would still be waiting when the join below gives up.
+    """
     monkeypatch.setattr(nearest_module, "DEFAULT_PENDING_SCAN", 10)
-    monkeypatch.setitem(sqlite_module.retry_busy.__kwdefaults__, "deadline_s", 0.2)
     rng = np.random.default_rng(16)
     path = tmp_path / "s.db"
     writer = ls.open(path)
     coll = declare(writer)
     coll.put_many(rows(rng, [f"k{i}" for i in range(200)]))
-    reader = ls.open(path, vector_cache=False, busy_timeout_ms=20)
+    reader = ls.open(path, vector_cache=False)
     queries = vectors(rng, 2)
+    got: list[list[str]] = []
+    query = threading.Thread(target=lambda: got.extend(
+        [h.key for h in reader.collection("docs").nearest("v", q, k=5, engine="vec0")] for q in queries
+    ))
     with writer.transaction():
         writer._db.execute("UPDATE _ls_meta SET value = value WHERE key = 'format'")  # holds the write lock
-        got = [[h.key for h in reader.collection("docs").nearest("v", q, k=5, engine="vec0")] for q in queries]
+        query.start()
+        query.join(timeout=30)
+        answered = not query.is_alive()
+    query.join()
+    assert answered, "the query waited for the write lock instead of scanning the waiting rows"
     assert indexed(path) == set()  # nothing was written by the reader
     assert got == [[h.key for h in coll.nearest("v", q, k=5, engine="cache")] for q in queries]
+    # With the lock free, the next query catches the index up instead.
+    reader.collection("docs").nearest("v", queries[0], k=5, engine="vec0")
+    assert indexed(path) == live_rowids(path)
     reader.close()
     writer.close()
 
