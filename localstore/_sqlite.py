@@ -192,6 +192,15 @@ def translate(exc: BaseException, store: str, action: str = "") -> LocalStoreErr
     return LocalStoreError(f"{store}: SQLite error{doing}: {exc}")
 
 
+def begin_now(conn: apsw.Connection, path: str, busy_timeout_ms: int) -> None:
+    """BEGIN IMMEDIATE without waiting: StoreBusyError at once if another connection holds the write lock."""
+    conn.set_busy_timeout(0)
+    try:
+        retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"), path=path, deadline_s=0)
+    finally:
+        conn.set_busy_timeout(busy_timeout_ms)
+
+
 def retry_busy(fn: Callable[[], T], *, path: str, deadline_s: float = DEFAULT_BUSY_DEADLINE_S) -> T:
     """Call ``fn``, retrying with jittered backoff while SQLite reports the store busy.
 

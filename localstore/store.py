@@ -27,6 +27,7 @@ from . import schema as schema_mod
 from ._sqlite import (
     DEFAULT_BUSY_TIMEOUT_MS,
     DURABILITY,
+    begin_now,
     boundary,
     check_vfs,
     connect,
@@ -295,7 +296,7 @@ class Store:
                     if _wait:
                         retry_busy(lambda: db.execute("BEGIN IMMEDIATE"), path=self.path)
                     else:
-                        self._begin_now(db)
+                        begin_now(db, self.path, self._busy_timeout_ms)
                 self._depth, self._tx = 1, _TxState()
                 try:
                     with boundary(self.path, "writing"):
@@ -349,14 +350,6 @@ class Store:
                         db.execute(f"RELEASE {savepoint}")
                 finally:
                     self._depth -= 1
-
-    def _begin_now(self, db: apsw.Connection) -> None:
-        """BEGIN IMMEDIATE without waiting: StoreBusyError at once if another connection holds the write lock."""
-        db.set_busy_timeout(0)
-        try:
-            retry_busy(lambda: db.execute("BEGIN IMMEDIATE"), path=self.path, deadline_s=0)
-        finally:
-            db.set_busy_timeout(self._busy_timeout_ms)
 
     def _reload_after_rollback(self) -> None:
         """Bring cached collections back in line with the file after a rollback undid schema work."""
