@@ -8,6 +8,7 @@ distributed Postgres such as Citus. Shipping a batch (``Central.ship``) is in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -139,7 +140,7 @@ class Central(Merging):
                 self.url, connect_timeout=self.connect_timeout, application_name="localstore-sync",
                 autocommit=True,
             )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the boundary: every failure to connect becomes a SyncError
             raise wrap(exc, self.url, "connecting") from None
         # COPY with set_types("bytea") would pick psycopg's pure-Python dumper (which also takes
         # dbapi ``Binary`` wrappers); payloads are plain bytes, so use the C dumper of ``bytes``.
@@ -161,10 +162,8 @@ class Central(Merging):
         """Close the connection; safe to call twice."""
         conn, self._conn = self._conn, None
         if conn is not None:
-            try:
+            with contextlib.suppress(psycopg.Error):  # a broken connection may fail to close; it is gone either way
                 conn.close()
-            except Exception:  # a broken connection may fail to close; it is gone either way
-                pass
 
     def run(self, action: str, fn: Any) -> Any:
         """Run ``fn(conn)`` in one transaction, committing it; psycopg errors become ``SyncError``s."""
@@ -172,7 +171,7 @@ class Central(Merging):
         try:
             with conn.transaction():
                 return fn(conn)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the boundary: any failure rolls back and becomes a SyncError
             self._staging.clear()  # temp tables made in a rolled-back transaction are gone
             err = wrap(exc, self.url, action)
             if conn.broken or conn.closed:
@@ -224,7 +223,7 @@ class Central(Merging):
                 ensure(conn)
         except CentralSchemaError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the boundary: any failure becomes a SyncError
             raise wrap(exc, self.url, f"creating the central schema {self.schema!r}") from None
 
     def _migrate_1(self, c: psycopg.Connection[Any]) -> None:

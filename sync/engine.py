@@ -10,6 +10,7 @@ stay queued in the stores.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -167,13 +168,13 @@ class SyncEngine:
                 self._cond.wait(deadline - time.monotonic())
             abandon = bool(self._inflight)
         if abandon:
+            import psycopg
+
             for central in list(self._centrals):  # abandon: the open transactions roll back
                 conn = central._conn
                 if conn is not None:
-                    try:
+                    with contextlib.suppress(psycopg.Error):  # best effort: the transaction is abandoned either way
                         conn.cancel()
-                    except Exception:  # best effort: the transaction is abandoned either way
-                        pass
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
@@ -311,7 +312,7 @@ class SyncEngine:
             self._down = True
             self._retry_all(name, delay)
             return None
-        except Exception as exc:  # a store that cannot be read: report, keep the others going
+        except Exception as exc:  # noqa: BLE001 - a store that cannot be read: report it, keep the others going
             self.last_error = SyncError(f"store {name}: {exc}")
             log.error("store sync failed", extra={"event": "store_error", "store": name, "error": str(exc)})
             self._evict(name)

@@ -52,11 +52,11 @@ def check_url(url: str) -> str:
             raise ConfigError(f"the Postgres URL {shown} names no host; "
                               "expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE")
     else:
-        try:
-            import psycopg.conninfo
+        import psycopg.conninfo  # importing sync already needs psycopg (central.py), so this cannot fail
 
+        try:
             psycopg.conninfo.conninfo_to_dict(url)
-        except Exception as exc:  # psycopg.ProgrammingError, with the string quoted in it
+        except (psycopg.Error, UnicodeError) as exc:  # a ProgrammingError quoting the string, or a lone surrogate
             raise ConfigError(f"the Postgres URL {shown} is malformed ({redact_text(str(exc), url)}); "
                               "expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE") from None
         if "=" not in url:

@@ -151,9 +151,8 @@ def test_every_flipped_bit_is_detected(tmp_path: Path) -> None:
                 damaged = bytearray(original)
                 damaged[position] ^= 1 << bit
                 _set_raw(path, "people", column, "k", bytes(damaged))
-                with ls.open(path, key=KEY) as store:
-                    with pytest.raises((ls.TamperedValueError, ls.MissingKeyError)):
-                        store.collection("people").get("k")
+                with ls.open(path, key=KEY) as store, pytest.raises((ls.TamperedValueError, ls.MissingKeyError)):
+                    store.collection("people").get("k")
         _set_raw(path, "people", column, "k", original)
     with ls.open(path, key=KEY) as store:
         assert store.collection("people").get("k")["phone"] == "555-0100"  # type: ignore[index]

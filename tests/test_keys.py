@@ -76,13 +76,13 @@ def test_key_from_environment_and_key_file_environment(tmp_path: Path, subproces
     for extra in ({"LOCALSTORE_KEY": KEY}, {"LOCALSTORE_KEY_FILE": key_file}):
         env = {**subprocess_env, **extra}
         env.pop("LOCALSTORE_KEY" if "LOCALSTORE_KEY_FILE" in extra else "LOCALSTORE_KEY_FILE", None)
-        out = subprocess.run([PYTHON, "-c", script, str(path)], env=env, capture_output=True, text=True)
+        out = subprocess.run([PYTHON, "-c", script, str(path)], check=False, env=env, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == "title 0"
     os.chmod(key_file, 0o644)
     env = {**subprocess_env, "LOCALSTORE_KEY_FILE": key_file}
     env.pop("LOCALSTORE_KEY", None)
-    out = subprocess.run([PYTHON, "-c", script, str(path)], env=env, capture_output=True, text=True)
+    out = subprocess.run([PYTHON, "-c", script, str(path)], check=False, env=env, capture_output=True, text=True)
     assert out.returncode != 0 and "KeyFileError" in out.stderr and "chmod 600" in out.stderr
 
 
@@ -202,9 +202,9 @@ def test_forget_in_store_backup_and_change_log(tmp_path: Path) -> None:
         with ls.open(backup, key=KEY, keys_from=store) as copy:  # a backup taken earlier
             check(copy.collection("notes"), copy.collection("notes").find())
             assert copy.collection("notes").find(where={"email": "p1@example.org"}) == []
-        with ls.open(backup, key=KEY) as copy:  # without the live store, no subject key at all
-            with pytest.raises(ls.MissingKeyError, match="keys_from"):
-                copy.collection("notes").get("n0")
+        # without the live store, no subject key at all
+        with ls.open(backup, key=KEY) as copy, pytest.raises(ls.MissingKeyError, match="keys_from"):
+            copy.collection("notes").get("n0")
         # a new write for the forgotten subject gets a new key
         notes.put({**rows[1], "id": "again"})
         assert notes.get("again") == {**rows[1], "id": "again"}
@@ -266,9 +266,8 @@ def test_key_management_refuses_to_run_inside_a_transaction(tmp_path: Path) -> N
         notes = _notes(store)
         notes.put(_rows(1)[0])
         for call in (lambda: store.forget("p0"), lambda: store.rotate_key(ls.generate_key()), store.reencrypt):
-            with store.transaction():
-                with pytest.raises(ls.LocalStoreError, match="inside a transaction"):
-                    call()
+            with store.transaction(), pytest.raises(ls.LocalStoreError, match="inside a transaction"):
+                call()
         assert notes.get("n0") == _rows(1)[0]
 
 

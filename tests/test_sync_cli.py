@@ -23,8 +23,8 @@ WORKERS = str(ROOT / "tests" / "_sync_workers.py")
 
 
 def _cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PYTHON, "-m", "localstore", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([PYTHON, "-m", "localstore", *args], check=False, env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def _wait_for(predicate: Any, timeout: float, what: str) -> None:
@@ -57,11 +57,12 @@ def test_four_writers_and_two_daemons_sharing_one_postgres(
     ws1.mkdir()
     ws2.mkdir()
     logs = [tmp_path / "d1.log", tmp_path / "d2.log"]
-    daemons = [
-        subprocess.Popen([PYTHON, "-m", "localstore", "sync", "daemon", str(ws), "--url", pg_url, "--schema", pg_schema],
-                         env=subprocess_env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
-        for ws, log in ((ws1, logs[0]), (ws2, logs[1]))
-    ]
+    daemons: list[subprocess.Popen[bytes]] = []
+    for ws, log in ((ws1, logs[0]), (ws2, logs[1])):
+        with open(log, "w") as err:  # the daemon writes to its own copy of the descriptor
+            daemons.append(subprocess.Popen(
+                [PYTHON, "-m", "localstore", "sync", "daemon", str(ws), "--url", pg_url, "--schema", pg_schema],
+                env=subprocess_env, stdout=subprocess.DEVNULL, stderr=err))
     try:
         jobs = [(ws1, "a", 1), (ws1, "a", 2), (ws1, "b", 3), (ws2, "c", 4)]  # two writers share store a
         writers = [subprocess.Popen([PYTHON, WORKERS, "write", str(ws), name, str(w), "3000"], env=subprocess_env,
