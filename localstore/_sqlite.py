@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -117,6 +118,25 @@ def check_vfs(vfs: str | None, path: str) -> None:
 #: The file of every connection ``connect`` made, readable while the connection is busy in
 #: another thread (apsw refuses ``conn.filename`` then); see ``walcheck``.
 OPEN_PATHS: weakref.WeakKeyDictionary[apsw.Connection, str] = weakref.WeakKeyDictionary()
+#: The same, by file: a daemon with 1,000 stores asks it at every open, so no scan.
+_CONNS_BY_PATH: dict[str, weakref.WeakSet[apsw.Connection]] = {}
+_OPEN_LOCK = threading.Lock()
+
+
+def _note_open(conn: apsw.Connection, path: str) -> None:
+    real = os.path.realpath(path)
+    with _OPEN_LOCK:
+        OPEN_PATHS[conn] = real
+        _CONNS_BY_PATH.setdefault(real, weakref.WeakSet()).add(conn)
+
+
+def connected_here(real_path: str) -> bool:
+    """Whether a connection ``connect`` made to this file (a ``realpath``) is still alive, closed or not."""
+    with _OPEN_LOCK:
+        conns = _CONNS_BY_PATH.get(real_path)
+        if conns is not None and not conns:
+            del _CONNS_BY_PATH[real_path]  # all collected: forget the path
+        return bool(conns)
 
 
 def connect(
@@ -140,7 +160,7 @@ def connect(
         conn = apsw.Connection(path, flags=flags, vfs=vfs)
     except apsw.Error as exc:
         raise translate(exc, path) from None
-    OPEN_PATHS[conn] = os.path.realpath(path)
+    _note_open(conn, path)
     try:
         for step in SETUP_STEPS:
             retry_busy(lambda step=step: step(conn, opts), path=path)  # type: ignore[misc]

@@ -223,18 +223,23 @@ def _open_in_process(path: str) -> bool:
     (raw) connection busy in another thread cannot say its file (apsw refuses), so it
     counts as a maybe: better to skip the check than to drop its locks.
     """
-    from ._sqlite import OPEN_PATHS
+    from ._sqlite import OPEN_PATHS, connected_here
 
     target = os.path.realpath(path)
-    for conn in apsw.connections():
-        name = OPEN_PATHS.get(conn)
-        if name is None:
-            try:
-                name = os.path.realpath(conn.filename) if conn.filename else ""
-            except apsw.ThreadingViolationError:
-                return True
-            except apsw.ConnectionClosedError:
-                continue
+    if connected_here(target):
+        return True
+    conns = apsw.connections()
+    if len(conns) <= len(OPEN_PATHS):
+        return False  # every connection is one of localstore's, and none is on this file
+    for conn in conns:
+        if conn in OPEN_PATHS:
+            continue
+        try:
+            name = os.path.realpath(conn.filename) if conn.filename else ""
+        except apsw.ThreadingViolationError:
+            return True
+        except apsw.ConnectionClosedError:
+            continue
         if name == target:
             return True
     return False

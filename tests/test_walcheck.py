@@ -339,3 +339,25 @@ def test_open_while_other_connections_are_busy_in_other_threads(tmp_path: Path) 
         busy_store.close()
         raw.close()
     assert not walcheck._open_in_process(str(crashed))
+
+
+def test_which_files_count_as_open_in_this_process(tmp_path: Path) -> None:
+    """Known by path for localstore's connections, by asking apsw for raw ones; a closed store is forgotten."""
+    import apsw
+
+    stores = [ls.open(tmp_path / f"s{i}.db") for i in range(3)]
+    linked = tmp_path / "link.db"
+    linked.symlink_to(tmp_path / "s1.db")
+    assert walcheck._open_in_process(str(tmp_path / "s0.db"))
+    assert walcheck._open_in_process(str(linked))  # the same file under another name
+    assert not walcheck._open_in_process(str(tmp_path / "other.db"))
+    raw = apsw.Connection(str(tmp_path / "raw.db"))
+    assert walcheck._open_in_process(str(tmp_path / "raw.db"))
+    assert not walcheck._open_in_process(str(tmp_path / "other.db"))  # raw connections asked one by one
+    raw.close()
+    del raw
+    assert walcheck._open_in_process(str(tmp_path / "s2.db"))
+    stores[2].close()
+    assert not walcheck._open_in_process(str(tmp_path / "s2.db"))
+    for store in stores:
+        store.close()
