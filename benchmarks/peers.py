@@ -326,6 +326,7 @@ CKPT_FIGURES = [
     ("ckpt.plain_size_vs_langgraph", "file size per checkpoint, plain collection / SqliteSaver", "x", None, None),
     ("ckpt.auto_vs_langgraph", "checkpoint puts, kit with SQLite's own WAL checkpoints / SqliteSaver (speed)", "x", None, None),
     ("ckpt.batch_vs_langgraph", "checkpoint puts, kit save_checkpoints batches / SqliteSaver (speed)", "x", None, None),
+    ("ckpt.cpu_vs_langgraph", "CPU time per checkpoint put: ours (telemetry kit) / SqliteSaver", "x", None, None),
 ]
 #: Checkpoints per ``save_checkpoints`` call in the batched figure (an agent saving every step, flushing every 10).
 CKPT_BATCH = 10
@@ -416,6 +417,18 @@ def bench_checkpoints(report: Report, scratch: Scratch, sizes: Sizes) -> None:
             Scratch.remove(state[0])
         return teardown
 
+    # CPU seconds per case (all threads of this process: our WAL checkpointer's included), to show
+    # where each side's time goes: the rest of the wall time is spent waiting for the disk.
+    cpu: dict[str, list[float]] = {}
+
+    def on_cpu(name: str, run: Callable[[Any], None]) -> Callable[[Any], None]:
+        def timed(state: Any) -> None:
+            start = time.process_time()
+            run(state)
+            cpu.setdefault(name, []).append(time.process_time() - start)
+        return timed
+
+    ours_run = on_cpu("ours", ours_run)
     cases = [Case("ckpt.ours", ours_run, kit_setup("ckpt-ours", "background"), kit_teardown("ours"), items=kit_n, unit="put",
                   label=f"ours: Telemetry.save_checkpoint, wal_checkpoint='background' (state, row, history), {kit_n:,} puts"),
              Case("ckpt.plain", plain_run, plain_setup, plain_teardown, items=n, unit="put",
@@ -450,7 +463,7 @@ def bench_checkpoints(report: Report, scratch: Scratch, sizes: Sizes) -> None:
         Scratch.remove(state[0])
 
     if saver_mod is not None and base_mod is not None:
-        cases.append(Case("ckpt.langgraph", lg_run, lg_setup, lg_teardown, items=n, unit="put",
+        cases.append(Case("ckpt.langgraph", on_cpu("langgraph", lg_run), lg_setup, lg_teardown, items=n, unit="put",
                           label="LangGraph SqliteSaver.put (same state in channel_values)"))
     try:
         report.add(*measure(cases, sizes.ckpt_repeat, progress="peers checkpoints"))
@@ -484,6 +497,12 @@ def bench_checkpoints(report: Report, scratch: Scratch, sizes: Sizes) -> None:
         rate = report.timings[key].rate
         report.figure(Figure(*fig[:2], rate / lg_t.rate, "x", *fig[3:],
                              ours=f"{rate:,.0f} puts/s", peers={"SqliteSaver": f"{lg_t.rate:,.0f} puts/s"}))
+    sides = {}
+    for name, timing, puts in (("ours", ours_t, kit_n), ("langgraph", lg_t, n)):
+        on = sum(cpu[name]) / len(cpu[name]) / puts * 1e6
+        sides[name] = (on, f"{on:,.0f} us CPU + {max(0.0, timing.per_item * 1e6 - on):,.0f} us waiting per put")
+    report.figure(Figure(*CKPT_FIGURES[6][:2], sides["ours"][0] / sides["langgraph"][0], "x", *CKPT_FIGURES[6][3:],
+                         ours=sides["ours"][1], peers={"SqliteSaver": sides["langgraph"][1]}))
 
 
 # -- postgres direct ------------------------------------------------------------------------------
