@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import apsw
+import msgpack
 import sqlite_vec
 
 from .errors import (
@@ -267,6 +268,14 @@ class boundary:  # lower case: it replaced a function, and reads as one: ``with 
                 f"{self.store}: a stored text value is not valid UTF-8 ({exc.reason}){doing}; the file is damaged. "
                 "Run store.verify(), then restore from a backup or from Postgres"
             ) from None
+
+
+def pack_values(*args: Any) -> bytes:
+    """Pack alternating field names and stored values into a change payload (msgpack map).
+
+    Registered in SQLite as ``ls_pack`` so triggers can snapshot a row as stored.
+    """
+    return msgpack.packb(dict(zip(args[::2], args[1::2])), use_bin_type=True)  # type: ignore[no-any-return]
 
 
 def quote(identifier: str) -> str:

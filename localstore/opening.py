@@ -13,6 +13,7 @@ import builtins
 import logging
 import os
 import shutil
+from typing import TYPE_CHECKING, Any
 
 import apsw
 
@@ -21,6 +22,9 @@ from . import schema as schema_mod
 from . import walcheck
 from ._sqlite import create_private_file, translate
 from .errors import CorruptStoreError, StoreOpenError
+
+if TYPE_CHECKING:
+    from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -102,3 +106,18 @@ def prepare_file(
     elif header and not header.startswith(_SQLITE_MAGIC):
         raise translate(apsw.NotADBError("file is not a database"), path, "opening")
     return vfs, use_checksums
+
+
+def keys_source(source: Any, store: Store, master: bytes | None) -> Store | None:
+    """For a backup: the live store whose subject keys it should use (same store id)."""
+    if source is None:
+        return None
+    from .store import Store  # at run time, here: store imports this module
+
+    live = source if isinstance(source, Store) else Store(source, key=master, create=False)
+    if live.id != store.id:
+        raise StoreOpenError(
+            f"keys_from={live.path} is store {live.id}, but {store.path} is a copy of store {store.id}; "
+            "pass the live store this backup was taken from"
+        )
+    return live

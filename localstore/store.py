@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Self
 
 import apsw
-import msgpack
 
 from . import clock, opening, walcheck
 from . import schema as schema_mod
@@ -31,6 +30,7 @@ from ._sqlite import (
     boundary,
     check_vfs,
     connect,
+    pack_values,
     retry_busy,
     scalar,
 )
@@ -51,14 +51,6 @@ if TYPE_CHECKING:
     from .changelog import ChangeLog
     from .collection import Collection
     from .maintenance import StoreStats, VerifyReport
-
-
-def pack_values(*args: Any) -> bytes:
-    """Pack alternating field names and stored values into a change payload (msgpack map).
-
-    Registered in SQLite as ``ls_pack`` so triggers can snapshot a row as stored.
-    """
-    return msgpack.packb(dict(zip(args[::2], args[1::2])), use_bin_type=True)  # type: ignore[no-any-return]
 
 
 @dataclass
@@ -129,7 +121,7 @@ class Store:
                 self.id: str = retry_busy(lambda: schema_mod.init_store(self._db, self.path), path=self.path)
                 self._keys = KeyRing(
                     self, master, max_messages=max_messages_per_key or DEFAULT_MAX_MESSAGES,
-                    keys_from=_open_keys_from(keys_from, self, master),
+                    keys_from=opening.keys_source(keys_from, self, master),
                 )
                 self._keys.check_master()  # a wrong master key fails here, before any data is read
                 self.wal_checkpoint = wal_checkpoint
@@ -145,6 +137,8 @@ class Store:
             self._conn = None
             raise
         self._depth = 0
+        #: Inside ``_all_or_nothing``: the depth from which nested blocks open no savepoint (0: none).
+        self._flat_from = 0
         self._tx: _TxState | None = None
         self._collections: dict[str, Collection] = {}
         self._schema_version = -1
@@ -326,6 +320,12 @@ class Store:
                 finally:
                     self._depth, self._tx = 0, None
                     self._reload_after_rollback()
+            elif self._flat_from and self._depth >= self._flat_from:
+                self._depth += 1  # an error undoes the enclosing all-or-nothing block, this one with it
+                try:
+                    yield self
+                finally:
+                    self._depth -= 1
             else:
                 assert self._tx is not None
                 tx = self._tx
@@ -350,6 +350,22 @@ class Store:
                         db.execute(f"RELEASE {savepoint}")
                 finally:
                     self._depth -= 1
+
+    @contextlib.contextmanager
+    def _all_or_nothing(self) -> Iterator[Store]:
+        """A ``transaction()`` whose nested blocks open no savepoints of their own (for the kits).
+
+        Only for code that lets every error out: a nested block's partial writes are then
+        undone with the whole block. Code that catches an error inside and goes on (an
+        importer skipping a bad row) must use ``transaction()``.
+        """
+        with self.transaction():
+            outer = self._flat_from
+            self._flat_from = outer or self._depth
+            try:
+                yield self
+            finally:
+                self._flat_from = outer
 
     def _reload_after_rollback(self) -> None:
         """Bring cached collections back in line with the file after a rollback undid schema work."""
@@ -524,19 +540,6 @@ class Store:
                 f"store {self.path}: {what}() cannot run inside a transaction (a rollback would leave keys "
                 "cached that the file no longer has); call it after the block"
             )
-
-
-def _open_keys_from(source: Any, store: Store, master: bytes | None) -> Store | None:
-    """For a backup: the live store whose subject keys it should use (same store id)."""
-    if source is None:
-        return None
-    live = source if isinstance(source, Store) else Store(source, key=master, create=False)
-    if live.id != store.id:
-        raise StoreOpenError(
-            f"keys_from={live.path} is store {live.id}, but {store.path} is a copy of store {store.id}; "
-            "pass the live store this backup was taken from"
-        )
-    return live
 
 
 def open(

@@ -335,6 +335,36 @@ def test_nested_savepoint_inner_raises_outer_commits(store: ls.Store) -> None:
     assert store.verify().ok
 
 
+def test_an_all_or_nothing_block_rolls_back_whole_at_any_depth(store: ls.Store) -> None:
+    """The kits' blocks open no savepoint per nested write; an error still undoes the whole block, nothing else."""
+    coll = store.collection("c", key="k", fields={"k": ls.Text(), "v": ls.Integer()})
+    vec = store.collection("e", key="k", fields={"k": ls.Text(), "x": ls.Vector(4)})
+
+    def kit_operation(fail: bool) -> None:  # as a kit writes: several collections, nested blocks, no catching
+        with store._all_or_nothing():
+            coll.put({"k": "kit1", "v": 1})
+            with store.transaction():
+                vec.put({"k": "kit2", "x": [1.0, 0.0, 0.0, 0.0]})
+                coll.update("kit1", {"v": 2})
+            if fail:
+                coll.put({"k": "kit3", "v": "bad"})
+
+    with store.transaction():
+        coll.put({"k": "user", "v": 0})
+        with pytest.raises(ls.ValidationError):
+            kit_operation(fail=True)  # inside a user's transaction: the kit's block is one savepoint
+        coll.put({"k": "after", "v": 3})
+    assert sorted(coll.keys()) == ["after", "user"] and vec.count() == 0
+    with pytest.raises(ls.ValidationError):
+        kit_operation(fail=True)  # at the top: the whole transaction
+    assert sorted(coll.keys()) == ["after", "user"] and vec.count() == 0
+    assert [(c.seq, c.key) for c in store.changelog.changes()] == [(1, "user"), (2, "after")]
+    kit_operation(fail=False)
+    assert coll.get("kit1") == {"k": "kit1", "v": 2} and [h.key for h in vec.nearest("x", [1, 0, 0, 0], k=1)] == ["kit2"]
+    assert [c.seq for c in store.changelog.changes()] == [1, 2, 3, 4, 5]  # no gap left by the failed blocks
+    assert store.verify().ok
+
+
 def test_error_inside_put_many_in_transaction_rolls_back_only_when_it_escapes(store: ls.Store) -> None:
     coll = store.collection("c", key="k", fields={"k": ls.Text(), "v": ls.Integer()})
     with store.transaction():

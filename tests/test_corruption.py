@@ -37,7 +37,7 @@ import numpy as np
 import pytest
 
 import localstore as ls
-from localstore.store import pack_values
+from localstore._sqlite import pack_values
 
 SCALE = float(os.environ.get("LOCALSTORE_CORRUPTION_SCALE", "1"))
 KEY = ls.generate_key()

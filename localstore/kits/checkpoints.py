@@ -58,7 +58,7 @@ class Checkpoints:
             "metadata": metadata, "checkpoint_id": checkpoint_id, "created_at": created_at,
         })
         cid = row["checkpoint_id"]
-        with self.store.transaction():
+        with self.store._all_or_nothing():
             self._check_session(session_id)
             # A generated id is new; a given one may name a checkpoint saved before.
             previous = None if checkpoint_id is None else self.checkpoints.get(cid, fields=["session_id"])
@@ -93,7 +93,7 @@ class Checkpoints:
         if len(set(ids)) != len(ids):
             raise ls.ValidationError(f"save_checkpoints: a checkpoint_id appears twice in one call ({ids!r})")
         given = [i for i, item in zip(ids, items, strict=True) if item.get("checkpoint_id") is not None]
-        with self.store.transaction():
+        with self.store._all_or_nothing():
             self._check_session(session_id)
             if not built:
                 return ids
@@ -212,7 +212,7 @@ class Checkpoints:
 
     def load_checkpoint(self, checkpoint_id: str) -> dict[str, Any] | None:
         """The checkpoint with its state_dict unpacked and its rank (logged as "loaded"), or None."""
-        with self.store.transaction():
+        with self.store._all_or_nothing():
             row = self.checkpoints.get(checkpoint_id, fields=self._meta)
             if row is None:
                 return None
@@ -224,7 +224,7 @@ class Checkpoints:
     def get_best_checkpoint(self, session_id: str | None = None) -> dict[str, Any] | None:
         """The checkpoint with the highest phi (of the session, or of the store), state unpacked; or None."""
         where = None if session_id is None else {"session_id": session_id}
-        with self.store.transaction():  # one snapshot for the row and its state
+        with self.store._all_or_nothing():  # one snapshot for the row and its state
             rows = self.checkpoints.find(where, fields=self._meta, order_by=[*BEST_ORDER], limit=1)
             if not rows:
                 return None
@@ -245,7 +245,7 @@ class Checkpoints:
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ls.ValidationError(f"prune_checkpoints: keep must be an int >= 1, got {keep!r}")
         where = None if session_id is None else {"session_id": session_id}
-        with self.store.transaction():
+        with self.store._all_or_nothing():
             rows = self.checkpoints.find(where, fields=["session_id", "phi"], order_by=[*BEST_ORDER], offset=keep)
             ranks = self.ranks(r["session_id"] for r in rows)
             for row in rows:
