@@ -30,6 +30,9 @@ class DerivedIndexes:
         self.filters = filter_fields(schema)
         self.vectors = {n: VectorIndex(schema, n) for n, f in schema.fields.items() if isinstance(f, Vector)}
         self.fulltext = FullTextIndex(schema) if any(f.fulltext for f in schema.fields.values()) else None
+        #: The fields whose change reaches an index: vectors, their filters, full-text fields.
+        self.indexed_fields = frozenset([*self.vectors, *(self.filters if self.vectors else ()),
+                                         *(self.fulltext.fields if self.fulltext is not None else ())])
 
     @property
     def empty(self) -> bool:

@@ -15,6 +15,7 @@ fields (a 64 KB blob, say) are neither read nor rewritten.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -58,7 +59,9 @@ def update_rows(coll: Collection, items: list[tuple[Any, Any]]) -> int:
         db = store._db
         checked = [(coll._check_key(key), _check_changes(coll, key, changes)) for key, changes in items]
         codec = coll._codec
-        subjects = sorted({c.subject for c in codec.fields.values() if c.subject}) if codec is not None else []
+        if codec is not None and not _touches_codec(codec, {n for _, values in checked for n in values}):
+            codec = None  # no encrypted or compressed field changes, and no field they take their key from
+        subjects = _subjects(codec) if codec is not None else ()
         with boundary(store.path, f"updating {coll.name!r}"):
             found = _current(coll, db, list(dict.fromkeys(k for k, _ in checked)), subjects)
         missing = [k for k, _ in checked if k not in found]
@@ -113,14 +116,31 @@ def _check_changes(coll: Collection, key: Any, changes: Any) -> dict[str, Any]:
     return out
 
 
-def _current(coll: Collection, db: Any, keys: list[Any], subjects: list[str]) -> dict[Any, tuple[int, dict[str, Any]]]:
-    """For each key that has a row: its rowid and its stored subject fields (what encryption keys depend on)."""
+def _subjects(codec: Any) -> tuple[str, ...]:
+    """The fields some codec field takes its subject (its encryption key) from, sorted."""
+    return tuple(sorted({c.subject for c in codec.fields.values() if c.subject}))
+
+
+def _touches_codec(codec: Any, names: set[str]) -> bool:
+    """Whether an update of these fields needs the codec: one is encrypted or compressed, or is a subject."""
+    return not names.isdisjoint(codec.fields) or not names.isdisjoint(_subjects(codec))
+
+
+@functools.lru_cache(maxsize=256)
+def _current_sql(table: str, key: str, subjects: tuple[str, ...], one: bool) -> str:
     cols = ", ".join(["rowid", *(quote(n) for n in subjects)])
-    sql = (
-        f"SELECT {quote(coll.key)}, {cols} FROM {coll._schema.table} "
-        f"WHERE {quote(coll.key)} IN (SELECT value FROM json_each(?))"
-    )
-    return {r[0]: (int(r[1]), dict(zip(subjects, r[2:]))) for r in db.execute(sql, (json.dumps(keys),))}
+    where = "= ?" if one else "IN (SELECT value FROM json_each(?))"
+    return f"SELECT {quote(key)}, {cols} FROM {table} WHERE {quote(key)} {where}"
+
+
+def _current(
+    coll: Collection, db: Any, keys: list[Any], subjects: tuple[str, ...]
+) -> dict[Any, tuple[int, dict[str, Any]]]:
+    """For each key that has a row: its rowid and its stored subject fields (what encryption keys depend on)."""
+    one = len(keys) == 1
+    sql = _current_sql(coll._schema.table, coll.key, subjects, one)
+    arg = keys[0] if one else json.dumps(keys)
+    return {r[0]: (int(r[1]), dict(zip(subjects, r[2:]))) for r in db.execute(sql, (arg,))}
 
 
 def _encode_codec_fields(coll: Collection, key: Any, values: dict[str, Any], stored_subjects: dict[str, Any]) -> dict[str, Any]:
@@ -161,18 +181,13 @@ def _write(coll: Collection, db: Any, checked: list[tuple[Any, dict[str, Any]]],
         end = start + 1
         while end < len(checked) and tuple(checked[end][1]) == names:
             end += 1
-        sets = ", ".join(f"{quote(n)} = ?" for n in names)
+        sql = _update_sql(table, kcol, names, coll._schema.id if logged else None)
         if logged:
-            sql = (
-                f"UPDATE {table} SET {sets}, _ls_seq = ?, _ls_hlc = ? WHERE {kcol} = ?; "
-                f"INSERT INTO _ls_changes(seq, hlc, coll, key, op) VALUES(?, ?, {coll._schema.id}, ?, {OP_PUT})"
-            )
             bindings = [
                 (*values.values(), seq + i, hlc + i, key, seq + i, hlc + i, key)
                 for i, (key, values) in enumerate(checked[start:end], start)
             ]
         else:
-            sql = f"UPDATE {table} SET {sets}, _ls_seq = NULL, _ls_hlc = ? WHERE {kcol} = ?"
             bindings = [(*values.values(), hlc + i, key) for i, (key, values) in enumerate(checked[start:end], start)]
         try:
             db.executemany(sql, bindings)
@@ -180,6 +195,18 @@ def _write(coll: Collection, db: Any, checked: list[tuple[Any, dict[str, Any]]],
             _raise_bad_text(coll, checked[start:end])
             raise
         start = end
+
+
+@functools.lru_cache(maxsize=256)
+def _update_sql(table: str, kcol: str, names: tuple[str, ...], logged_as: int | None) -> str:
+    """The UPDATE of these columns by key, and the change record after it when the collection is logged."""
+    sets = ", ".join(f"{quote(n)} = ?" for n in names)
+    if logged_as is None:
+        return f"UPDATE {table} SET {sets}, _ls_seq = NULL, _ls_hlc = ? WHERE {kcol} = ?"
+    return (
+        f"UPDATE {table} SET {sets}, _ls_seq = ?, _ls_hlc = ? WHERE {kcol} = ?; "
+        f"INSERT INTO _ls_changes(seq, hlc, coll, key, op) VALUES(?, ?, {logged_as}, ?, {OP_PUT})"
+    )
 
 
 def _raise_bad_text(coll: Collection, checked: list[tuple[Any, dict[str, Any]]]) -> None:
@@ -199,7 +226,7 @@ def _refresh_derived(
     changed keeps its vec0 entry: only the metadata columns are set, in update order.
     """
     derived = coll._derived
-    if derived.empty:
+    if derived.empty or all(derived.indexed_fields.isdisjoint(values) for _, values in checked):
         return
     store = coll.store
     # Rows above a vec0 index's high-water rowid have no entry yet: its next catch-up reads them as they now are.
