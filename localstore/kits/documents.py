@@ -248,7 +248,7 @@ class Documents:
         doc_id = document_id or f"doc-{digest[:24]}"
         pieces = chunk_text(content, self.chunk_words, self.chunk_overlap)
         vectors = self._embed(pieces)  # outside the transaction: embedding may be slow
-        with self.store.transaction():
+        with self.store._all_or_nothing():
             existing = self.find_by_hash(digest)  # another writer may have won meanwhile
             if existing is not None:
                 return IngestResult(existing["document_id"], existing["chunk_count"] or 0, False)
@@ -290,7 +290,7 @@ class Documents:
 
     def delete(self, document_id: str) -> bool:
         """Delete a document and its chunks; return whether it existed."""
-        with self.store.transaction():
+        with self.store._all_or_nothing():
             self.chunks.delete_many(self.chunks.keys({"document_id": document_id}))
             return self.documents.delete(document_id)
 

@@ -159,7 +159,7 @@ class EvolutionRuns:
         ended_at: float | None = None,
     ) -> dict[str, Any]:
         """Mark a round finished (``status``), merging ``metadata`` into its own; return the row."""
-        with self.store.transaction():
+        with self.store._all_or_nothing():
             row = self.rounds.get(round_number)
             if row is None:
                 raise ls.ValidationError(
@@ -285,7 +285,7 @@ class EvolutionRuns:
 
     def set_elite(self, program_id: str, elite: bool = True) -> None:
         """Set or clear a program's archive (elite) flag."""
-        with self.store.transaction():
+        with self.store._all_or_nothing():
             row = self.programs.get(program_id)
             if row is None:
                 raise ls.ValidationError(f"programs: no program {program_id!r} in {self.store.path}")

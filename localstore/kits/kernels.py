@@ -141,7 +141,7 @@ class KernelGeometry:
 
         ``spawned_at`` defaults to now for a new kernel and is kept for an existing one.
         """
-        with self.store.transaction():
+        with self.store._all_or_nothing():
             old = self.kernels.get(kernel_id)
             if spawned_at is None:
                 spawned_at = old["spawned_at"] if old is not None and old["spawned_at"] is not None else now()
@@ -175,7 +175,7 @@ class KernelGeometry:
         for name, delta in (("success_delta", success_delta), ("failure_delta", failure_delta)):
             if isinstance(delta, bool) or not isinstance(delta, int):
                 raise ls.ValidationError(f"{COLLECTION}: {name} must be an int, got {delta!r}")
-        with self.store.transaction():
+        with self.store._all_or_nothing():
             old = self.kernels.get(kernel_id)
             if old is None:
                 raise ls.ValidationError(
@@ -225,7 +225,7 @@ class KernelGeometry:
 
         Edges from it to its children stay, so its descendants keep naming it as a parent.
         """
-        with self.store.transaction():
+        with self.store._all_or_nothing():
             self.edges.delete_many(self.edges.keys(where={"child_id": kernel_id}))
             return self.kernels.delete(kernel_id)
 

@@ -145,7 +145,7 @@ class LearningProfiles:
         pid = profile_id or uuid.uuid4().hex
         if ttl_expires_at is None and ttl_seconds is not None:
             ttl_expires_at = now + ttl_seconds
-        with self.store.transaction():
+        with self.store._all_or_nothing():
             existing = self.profiles.get(pid)
             if existing is not None:
                 raise ls.ValidationError(f"learning_profiles: profile {pid!r} exists in {self.store.path}")
@@ -167,7 +167,7 @@ class LearningProfiles:
             raise ls.ValidationError(
                 f"learning_profiles: cannot set {', '.join(sorted(unknown))}; settable: {', '.join(PROFILE_SETTABLE)}"
             )
-        with self.store.transaction():
+        with self.store._all_or_nothing():
             row = self._live_row(profile_id)
             row.update(changes)
             row["updated_at"] = time.time()
@@ -217,7 +217,7 @@ class LearningProfiles:
     ) -> str:
         """Record (or replace) a learning session of a live profile; return its session_id."""
         sid = session_id or uuid.uuid4().hex
-        with self.store.transaction():
+        with self.store._all_or_nothing():
             self._live_row(profile_id)
             self.sessions.put({
                 "session_id": sid, "profile_id": profile_id,
@@ -247,7 +247,7 @@ class LearningProfiles:
         for name, value in (("mastery", mastery), ("confidence", confidence)):
             if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ls.ValidationError(f"knowledge_states.{name}: expected a number in [0, 1], got {value!r}")
-        with self.store.transaction():
+        with self.store._all_or_nothing():
             salt = self._live_row(profile_id)["key_salt"]
             sid = self.state_id(profile_id, domain, topic, _salt=salt)
             old = self.states.get(sid)
@@ -282,7 +282,7 @@ class LearningProfiles:
         return forgotten
 
     def _delete_rows(self, profile_ids: list[str]) -> int:
-        with self.store.transaction():
+        with self.store._all_or_nothing():
             for pid in profile_ids:
                 self.sessions.delete_many(self.sessions.keys({"profile_id": pid}))
                 self.states.delete_many(self.states.keys({"profile_id": pid}))

@@ -188,7 +188,7 @@ class Telemetry(Checkpoints):
         sid = check_session_id(new_id() if session_id is None else session_id)
         if status not in STATUSES:
             raise ls.ValidationError(f"telemetry_sessions[{sid!r}].status: expected one of {STATUSES}, got {status!r}")
-        with self.store.transaction():
+        with self.store._all_or_nothing():
             if self.sessions.get(sid) is not None:
                 raise ls.ValidationError(f"{self.store.path}: telemetry session {sid!r} already exists")
             self.sessions.put({
@@ -236,7 +236,7 @@ class Telemetry(Checkpoints):
 
         Writes nothing when the stats are unchanged.
         """
-        with self.store.transaction():
+        with self.store._all_or_nothing():
             row = self._require_session(session_id)
             stats = self.compute_session_stats(session_id)
             if any(row[k] != v for k, v in stats.items()):
@@ -248,7 +248,7 @@ class Telemetry(Checkpoints):
         """Close a session: set status and ended_at, compute and store its stats; return the row."""
         if status not in STATUSES:
             raise ls.ValidationError(f"telemetry_sessions[{session_id!r}].status: expected one of {STATUSES}, got {status!r}")
-        with self.store.transaction():
+        with self.store._all_or_nothing():
             row = self._require_session(session_id)
             row.update(self.compute_session_stats(session_id))
             row["status"] = status
