@@ -116,28 +116,44 @@ def check_vfs(vfs: str | None, path: str) -> None:
         )
 
 
-#: The file of every connection ``connect`` made, readable while the connection is busy in
-#: another thread (apsw refuses ``conn.filename`` then); see ``walcheck``.
-OPEN_PATHS: weakref.WeakKeyDictionary[apsw.Connection, str] = weakref.WeakKeyDictionary()
-#: The same, by file: a daemon with 1,000 stores asks it at every open, so no scan.
-_CONNS_BY_PATH: dict[str, weakref.WeakSet[apsw.Connection]] = {}
+#: The connections ``connect`` made, as ids: all of them, and by file (a ``realpath``), known
+#: without touching them (apsw refuses ``conn.filename`` of one busy in another thread); see
+#: ``walcheck``. A daemon with 1,000 stores asks at every open, so set operations, not a scan.
+#: An id leaves both when its connection is collected, before the id can be reused.
+_OUR_IDS: set[int] = set()
+_IDS_BY_PATH: dict[str, set[int]] = {}
 _OPEN_LOCK = threading.Lock()
 
 
 def _note_open(conn: apsw.Connection, path: str) -> None:
-    real = os.path.realpath(path)
+    real, ident = os.path.realpath(path), id(conn)
     with _OPEN_LOCK:
-        OPEN_PATHS[conn] = real
-        _CONNS_BY_PATH.setdefault(real, weakref.WeakSet()).add(conn)
+        _OUR_IDS.add(ident)
+        _IDS_BY_PATH.setdefault(real, set()).add(ident)
+    weakref.finalize(conn, _forget_open, ident, real)
 
 
-def connected_here(real_path: str) -> bool:
-    """Whether a connection ``connect`` made to this file (a ``realpath``) is still alive, closed or not."""
+def _forget_open(ident: int, real: str) -> None:
     with _OPEN_LOCK:
-        conns = _CONNS_BY_PATH.get(real_path)
-        if conns is not None and not conns:
-            del _CONNS_BY_PATH[real_path]  # all collected: forget the path
-        return bool(conns)
+        _OUR_IDS.discard(ident)
+        on_path = _IDS_BY_PATH.get(real)
+        if on_path is not None:
+            on_path.discard(ident)
+            if not on_path:
+                del _IDS_BY_PATH[real]
+
+
+def open_connections_on(real_path: str) -> tuple[bool, list[apsw.Connection]]:
+    """Whether an open connection ``connect`` made is on this file (a ``realpath``), and every other open connection.
+
+    apsw lists open connections only, so a closed one that is still referenced counts for nothing.
+    """
+    conns = apsw.connections()
+    with _OPEN_LOCK:
+        ids = {id(c) for c in conns}
+        ours_here = not ids.isdisjoint(_IDS_BY_PATH.get(real_path, ()))
+        others = ids - _OUR_IDS
+    return ours_here, [c for c in conns if id(c) in others] if others else []
 
 
 def connect(

@@ -223,17 +223,13 @@ def _open_in_process(path: str) -> bool:
     (raw) connection busy in another thread cannot say its file (apsw refuses), so it
     counts as a maybe: better to skip the check than to drop its locks.
     """
-    from ._sqlite import OPEN_PATHS, connected_here
+    from ._sqlite import open_connections_on
 
     target = os.path.realpath(path)
-    if connected_here(target):
+    ours_here, others = open_connections_on(target)
+    if ours_here:
         return True
-    conns = apsw.connections()
-    if len(conns) <= len(OPEN_PATHS):
-        return False  # every connection is one of localstore's, and none is on this file
-    for conn in conns:
-        if conn in OPEN_PATHS:
-            continue
+    for conn in others:  # raw connections: asked one by one
         try:
             name = os.path.realpath(conn.filename) if conn.filename else ""
         except apsw.ThreadingViolationError:

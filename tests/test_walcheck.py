@@ -357,7 +357,12 @@ def test_which_files_count_as_open_in_this_process(tmp_path: Path) -> None:
     raw.close()
     del raw
     assert walcheck._open_in_process(str(tmp_path / "s2.db"))
+    kept = stores[2]._db  # a closed connection still referenced (by a kept traceback, say) counts for nothing
     stores[2].close()
     assert not walcheck._open_in_process(str(tmp_path / "s2.db"))
+    raw = apsw.Connection(str(tmp_path / "raw.db"))  # ... and hides no raw connection
+    assert walcheck._open_in_process(str(tmp_path / "raw.db"))
+    raw.close()
+    del kept
     for store in stores:
         store.close()
