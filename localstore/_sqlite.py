@@ -116,44 +116,79 @@ def check_vfs(vfs: str | None, path: str) -> None:
         )
 
 
-#: The connections ``connect`` made, as ids: all of them, and by file (a ``realpath``), known
-#: without touching them (apsw refuses ``conn.filename`` of one busy in another thread); see
-#: ``walcheck``. A daemon with 1,000 stores asks at every open, so set operations, not a scan.
-#: An id leaves both when its connection is collected, before the id can be reused.
-_OUR_IDS: set[int] = set()
-_IDS_BY_PATH: dict[str, set[int]] = {}
-_OPEN_LOCK = threading.Lock()
+#: Every apsw connection of this process, localstore's and raw ones, by file (a ``realpath``),
+#: as weak references keyed by id: recorded by an apsw connection hook in the thread that
+#: creates the connection, where apsw lets its file be read (it refuses while the connection
+#: is busy in another thread). ``walcheck`` asks at every open whether a file is open here; a
+#: daemon with 1,000 stores open cannot afford a scan of them all each time. Connections made
+#: before the hook was installed are kept apart and asked each time.
+_BY_PATH: dict[str, dict[int, weakref.ref[apsw.Connection]]] = {}
+_EARLIER: list[weakref.ref[apsw.Connection]] = []
+#: Re-entrant: a reference's callback may run inside a collection triggered under the lock.
+_OPEN_LOCK = threading.RLock()
 
 
-def _note_open(conn: apsw.Connection, path: str) -> None:
-    real, ident = os.path.realpath(path), id(conn)
+def _note_connection(conn: apsw.Connection) -> None:
+    try:
+        name = conn.filename
+        real: str | None = os.path.realpath(name) if name else ""
+    except Exception:  # noqa: BLE001 - a hook that raises would make the connection itself fail
+        real = None
     with _OPEN_LOCK:
-        _OUR_IDS.add(ident)
-        _IDS_BY_PATH.setdefault(real, set()).add(ident)
-    weakref.finalize(conn, _forget_open, ident, real)
+        if real is None:
+            _EARLIER.append(weakref.ref(conn))
+        elif real:
+            ident = id(conn)
+            _BY_PATH.setdefault(real, {})[ident] = weakref.ref(conn, lambda _ref: _forget(ident, real))
 
 
-def _forget_open(ident: int, real: str) -> None:
+def _forget(ident: int, real: str) -> None:
     with _OPEN_LOCK:
-        _OUR_IDS.discard(ident)
-        on_path = _IDS_BY_PATH.get(real)
+        on_path = _BY_PATH.get(real)
         if on_path is not None:
-            on_path.discard(ident)
+            on_path.pop(ident, None)
             if not on_path:
-                del _IDS_BY_PATH[real]
+                del _BY_PATH[real]
 
 
-def open_connections_on(real_path: str) -> tuple[bool, list[apsw.Connection]]:
-    """Whether an open connection ``connect`` made is on this file (a ``realpath``), and every other open connection.
+def _is_open(conn: apsw.Connection) -> bool:
+    try:
+        conn.filename  # noqa: B018 - asked for what it raises
+    except apsw.ThreadingViolationError:
+        return True  # busy in another thread
+    except apsw.ConnectionClosedError:
+        return False
+    return True
 
-    apsw lists open connections only, so a closed one that is still referenced counts for nothing.
+
+def open_here(real_path: str) -> bool:
+    """Whether an open apsw connection of this process may be on this file (a ``realpath``).
+
+    A connection busy in another thread counts as open; one made before localstore was
+    imported whose file cannot be read now (busy) counts as a maybe, on any file.
     """
-    conns = apsw.connections()
     with _OPEN_LOCK:
-        ids = {id(c) for c in conns}
-        ours_here = not ids.isdisjoint(_IDS_BY_PATH.get(real_path, ()))
-        others = ids - _OUR_IDS
-    return ours_here, [c for c in conns if id(c) in others] if others else []
+        known = list(_BY_PATH.get(real_path, {}).values())
+        earlier = list(_EARLIER)
+    if any(conn is not None and _is_open(conn) for conn in (ref() for ref in known)):
+        return True
+    for conn in (ref() for ref in earlier):
+        if conn is None:
+            continue
+        try:
+            name = conn.filename
+        except apsw.ThreadingViolationError:
+            return True
+        except apsw.ConnectionClosedError:
+            continue
+        if name and os.path.realpath(name) == real_path:
+            return True
+    return False
+
+
+apsw.connection_hooks.append(_note_connection)
+for _conn in apsw.connections():  # made before this module was imported
+    _note_connection(_conn)
 
 
 def connect(
@@ -177,7 +212,6 @@ def connect(
         conn = apsw.Connection(path, flags=flags, vfs=vfs)
     except apsw.Error as exc:
         raise translate(exc, path) from None
-    _note_open(conn, path)
     try:
         for step in SETUP_STEPS:
             retry_busy(lambda step=step: step(conn, opts), path=path)  # type: ignore[misc]

@@ -251,7 +251,10 @@ class Collection:
     def _check_key(self, key: Any) -> Any:
         if key is None:
             raise ValidationError(f"{self.name}: the key {self.key!r} cannot be None")
-        return self._fields[self.key].encode(key)
+        encoded = self._fields[self.key].encode(key)
+        if isinstance(encoded, str) and not encoded.isascii():  # SQLite cannot take a lone surrogate
+            raise_bad_text(self.name, [(key, self.key, encoded)])
+        return encoded
 
     def _decode(self, stored: Sequence[Any]) -> dict[str, Any]:
         if self._codec is not None:

@@ -388,6 +388,10 @@ class KeyRing:
         db.execute("UPDATE _ls_keys SET messages = messages + ? WHERE id = ?", (block, key_id))
         self._current, self._used, self._reserved, self._reserve_tx = key_id, 0, block, self.store._tx
 
+    def drop_reservation(self) -> None:
+        """After a savepoint rollback, which may have undone the reservation in the file: reserve afresh."""
+        self._reserve_tx = None
+
     def new_data_key(self) -> int:
         """Start a new data key now (used by ``reencrypt``); later values use it."""
         self.root(create=True)
@@ -577,3 +581,15 @@ def checkpoint_truncate(store: Store) -> bool:
         row = store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         return row is not None and row[0] == 0
     return False
+
+
+def rotate(store: Store, new_master: str | bytes) -> int:
+    """``Store.rotate_key``: re-wrap every key under ``new_master``, then clear the old wrapping from the WAL."""
+    new = _parse_key(new_master, "new_master")
+    store._outside_transaction("rotate_key")
+    with store.transaction():
+        count = store._keys.rewrap(new)
+    store._keys.commit_rewrap()
+    with store._lock, store._wal_idle(), boundary(store.path, "checkpointing after a key rotation"):
+        checkpoint_truncate(store)
+    return count

@@ -138,7 +138,7 @@ class Store:
             raise
         self._depth = 0
         #: Inside ``_all_or_nothing``: the depth from which nested blocks open no savepoint (0: none).
-        self._flat_from = 0
+        self._flat_from, self._flat_failed = 0, False
         self._tx: _TxState | None = None
         self._collections: dict[str, Collection] = {}
         self._schema_version = -1
@@ -158,8 +158,7 @@ class Store:
     @property
     def name(self) -> str:
         """The store's file name without its folder and ``.db`` suffix."""
-        base = os.path.basename(self.path)
-        return base.removesuffix(".db")
+        return os.path.basename(self.path).removesuffix(".db")
 
     @property
     def closed(self) -> bool:
@@ -324,6 +323,9 @@ class Store:
                 self._depth += 1  # an error undoes the enclosing all-or-nothing block, this one with it
                 try:
                     yield self
+                except BaseException:
+                    self._flat_failed = True  # in case something inside catches it and goes on
+                    raise
                 finally:
                     self._depth -= 1
             else:
@@ -342,6 +344,7 @@ class Store:
                         db.execute(f"ROLLBACK TO {savepoint}; RELEASE {savepoint}")
                     tx.last_seq, tx.last_hlc = saved
                     del tx.vector_deltas[saved_deltas:]
+                    self._keys.drop_reservation()
                     self._stale = True
                     self._reload_after_rollback()
                     raise
@@ -361,9 +364,12 @@ class Store:
         """
         with self.transaction():
             outer = self._flat_from
-            self._flat_from = outer or self._depth
+            self._flat_from, self._flat_failed = outer or self._depth, self._flat_failed and bool(outer)
             try:
                 yield self
+                if self._flat_failed and not outer:
+                    raise LocalStoreError(f"store {self.path}: an error inside an all-or-nothing block was caught "
+                                          "and ignored; the whole block was rolled back")
             finally:
                 self._flat_from = outer
 
@@ -484,16 +490,9 @@ class Store:
         store opens only with ``new_master``. Call ``reencrypt()`` as well to move
         values onto a fresh data key.
         """
-        from .keys import _parse_key, checkpoint_truncate
+        from .keys import rotate
 
-        new = _parse_key(new_master, "new_master")
-        self._outside_transaction("rotate_key")
-        with self.transaction():
-            count = self._keys.rewrap(new)
-        self._keys.commit_rewrap()
-        with self._lock, self._wal_idle(), boundary(self.path, "checkpointing after a key rotation"):
-            checkpoint_truncate(self)
-        return count
+        return rotate(self, new_master)
 
     def reencrypt(self, *, batch: int = 1000) -> int:
         """Re-encrypt every value not under the newest data key, with a new data key; return the rows rewritten.

@@ -38,7 +38,6 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import apsw
 import numpy as np
 
 WAL_HEADER = 32
@@ -219,26 +218,13 @@ def inspect(path: str, wal: bytes, db_header: bytes | None = None, shm: bytes | 
 def _open_in_process(path: str) -> bool:
     """Whether an apsw connection of this process may have the database ``path`` open.
 
-    Connections localstore made are known by path without touching them; another
-    (raw) connection busy in another thread cannot say its file (apsw refuses), so it
-    counts as a maybe: better to skip the check than to drop its locks.
+    Every apsw connection is known by file from its creation (``_sqlite.open_here``);
+    one busy in another thread counts as open: better to skip the check than to drop
+    its locks.
     """
-    from ._sqlite import open_connections_on
+    from ._sqlite import open_here
 
-    target = os.path.realpath(path)
-    ours_here, others = open_connections_on(target)
-    if ours_here:
-        return True
-    for conn in others:  # raw connections: asked one by one
-        try:
-            name = os.path.realpath(conn.filename) if conn.filename else ""
-        except apsw.ThreadingViolationError:
-            return True
-        except apsw.ConnectionClosedError:
-            continue
-        if name == target:
-            return True
-    return False
+    return open_here(os.path.realpath(path))
 
 
 def _own_descriptor(path: str) -> int | None:

@@ -365,6 +365,19 @@ def test_an_all_or_nothing_block_rolls_back_whole_at_any_depth(store: ls.Store) 
     assert store.verify().ok
 
 
+def test_an_error_swallowed_inside_an_all_or_nothing_block_rolls_it_back_loudly(store: ls.Store) -> None:
+    """A nested write that failed there left no savepoint to undo its part: the block must not commit."""
+    coll = store.collection("c", key="k", fields={"k": ls.Text(), "v": ls.Integer()})
+    with pytest.raises(ls.LocalStoreError, match="caught and ignored"), store._all_or_nothing():
+        coll.put({"k": "a", "v": 1})
+        with contextlib.suppress(ls.ValidationError):
+            coll.put_many([{"k": "b", "v": 2}, {"k": "c", "v": "bad"}])
+    assert coll.count() == 0 and store.changelog.last_seq() == 0
+    with store._all_or_nothing():  # the next block starts clean
+        coll.put({"k": "d", "v": 4})
+    assert coll.keys() == ["d"] and store.verify().ok
+
+
 def test_error_inside_put_many_in_transaction_rolls_back_only_when_it_escapes(store: ls.Store) -> None:
     coll = store.collection("c", key="k", fields={"k": ls.Text(), "v": ls.Integer()})
     with store.transaction():

@@ -58,6 +58,13 @@ def test_text_lone_surrogate_is_validation_error(store: ls.Store) -> None:
     with pytest.raises(ls.ValidationError, match=r"t\.v"):
         coll.put({"k": "a", "v": "\ud800"})
     assert coll.count() == 0
+    coll.put({"k": "a", "v": "fine"})
+    bad = "a\ud800"
+    for call in (lambda: coll.get(bad), lambda: coll.get_many([bad]), lambda: coll.delete(bad),
+                 lambda: coll.update(bad, {"v": "x"}), lambda: coll.put({"k": bad, "v": "x"})):
+        with pytest.raises(ls.ValidationError, match=r"t\.k: .*lone surrogate"):
+            call()
+    assert coll.find() == [{"k": "a", "v": "fine"}]
 
 
 # -- Integer ----------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from pathlib import Path
@@ -319,3 +320,26 @@ def test_a_hand_altered_key_table_is_a_missing_key_error_on_write_and_read(tmp_p
         with pytest.raises(ls.MissingKeyError):
             notes.get(_rows(1)[0]["id"])
         assert notes.count() == 5  # nothing written
+
+
+def test_a_rolled_back_savepoint_takes_its_key_reservation_with_it(tmp_path: Path) -> None:
+    """Encryptions after a savepoint that reserved message counts and rolled back are still counted in the file."""
+    from localstore.keys import DEFAULT_RESERVE_BLOCK
+
+    store = ls.open(tmp_path / "s.db", key=ls.generate_key())
+    coll = store.collection("t", key="k", fields={"k": ls.Text(), "v": ls.Text(encrypt=True)})
+    coll.put({"k": "first", "v": "x"})  # the data key, and a first block of messages reserved and committed
+
+    def counted() -> int:
+        return int(store._db.execute("SELECT sum(messages) FROM _ls_keys WHERE kind = 'data'").fetchone()[0])
+
+    before = counted()
+    with store.transaction():
+        with contextlib.suppress(RuntimeError), store.transaction():
+            coll.put({"k": "a", "v": "secret"})  # reserves the next block: undone with the savepoint
+            raise RuntimeError
+        coll.put_many([{"k": f"r{i}", "v": "x"} for i in range(100)])
+    assert counted() >= before + 100, "messages encrypted under a reservation the file no longer has"
+    assert counted() <= before + 2 * DEFAULT_RESERVE_BLOCK
+    assert [coll.get(f"r{i}")["v"] for i in (0, 99)] == ["x", "x"]
+    store.close()

@@ -13,6 +13,7 @@ import signal
 import struct
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -305,7 +306,7 @@ def test_a_raw_apsw_connection_in_the_same_process_keeps_its_locks(tmp_path: Pat
 
 def test_open_while_other_connections_are_busy_in_other_threads(tmp_path: Path) -> None:
     # apsw refuses to tell a connection's file while another thread runs a statement on it;
-    # the check must neither fail the open nor guess "not this file" for a raw connection.
+    # the check must not fail the open, and knows each connection's file from its creation.
     import threading
 
     import apsw
@@ -329,8 +330,10 @@ def test_open_while_other_connections_are_busy_in_other_threads(tmp_path: Path) 
         for t in threads:
             t.start()
         running.wait()
-        assert walcheck._open_in_process(str(crashed))  # the busy raw connection might be this file
-        with ls.open(crashed) as store:  # and the open goes through all the same
+        assert walcheck._open_in_process(str(tmp_path / "raw.db"))  # busy in another thread: open
+        assert walcheck._open_in_process(str(tmp_path / "other.db"))
+        assert not walcheck._open_in_process(str(crashed))  # neither is on this file
+        with ls.open(crashed) as store:  # and the open goes through, its WAL checked
             assert store.collection("t").count() == 90
     finally:
         release.set()
@@ -366,3 +369,16 @@ def test_which_files_count_as_open_in_this_process(tmp_path: Path) -> None:
     del kept
     for store in stores:
         store.close()
+
+
+def test_a_raw_connection_made_before_localstore_was_imported_is_known(tmp_path: Path,
+                                                                       subprocess_env: dict[str, str]) -> None:
+    script = textwrap.dedent("""
+        import sys, apsw
+        raw = apsw.Connection(sys.argv[1])
+        from localstore import walcheck
+        print(walcheck._open_in_process(sys.argv[1]), walcheck._open_in_process(sys.argv[1] + ".other"))
+    """)
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "raw.db")], check=True, env=subprocess_env,
+                         capture_output=True, text=True).stdout
+    assert out.split() == ["True", "False"]
