@@ -128,6 +128,21 @@ _EARLIER: list[weakref.ref[apsw.Connection]] = []
 _OPEN_LOCK = threading.RLock()
 
 
+#: One lock per store file (a ``realpath``), held while a connection to it is made and set up,
+#: and while ``walcheck`` reads its -shm: closing that descriptor while another thread's new
+#: connection holds locks on the file would drop them (POSIX).
+_PATH_LOCKS: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+
+
+def path_lock(real: str) -> Any:
+    """The lock of the store file at this ``realpath``, shared by every thread of the process."""
+    with _OPEN_LOCK:
+        lock = _PATH_LOCKS.get(real)
+        if lock is None:
+            lock = _PATH_LOCKS[real] = threading.RLock()
+        return lock
+
+
 def _note_connection(conn: apsw.Connection) -> None:
     try:
         name = conn.filename
@@ -208,21 +223,22 @@ def connect(
     opts: dict[str, object] = {"durability": durability, "busy_timeout_ms": busy_timeout_ms}
     flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE | apsw.SQLITE_OPEN_NOFOLLOW
     check_vfs(vfs, path)
-    try:
-        conn = apsw.Connection(path, flags=flags, vfs=vfs)
-    except apsw.Error as exc:
-        raise translate(exc, path) from None
-    try:
-        for step in SETUP_STEPS:
-            retry_busy(lambda step=step: step(conn, opts), path=path)  # type: ignore[misc]
-            if step is _step_busy_timeout and check is not None:
-                retry_busy(lambda: check(conn), path=path)
-    except apsw.Error as exc:
-        conn.close()
-        raise translate(exc, path) from None
-    except BaseException:
-        conn.close()
-        raise
+    with path_lock(os.path.realpath(path)):
+        try:
+            conn = apsw.Connection(path, flags=flags, vfs=vfs)
+        except apsw.Error as exc:
+            raise translate(exc, path) from None
+        try:
+            for step in SETUP_STEPS:
+                retry_busy(lambda step=step: step(conn, opts), path=path)  # type: ignore[misc]
+                if step is _step_busy_timeout and check is not None:
+                    retry_busy(lambda: check(conn), path=path)
+        except apsw.Error as exc:
+            conn.close()
+            raise translate(exc, path) from None
+        except BaseException:
+            conn.close()
+            raise
     return conn
 
 

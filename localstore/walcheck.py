@@ -294,19 +294,23 @@ def check_file(path: str, db_header: bytes | None) -> WalDamage | None:
         return None
     if not os.path.exists(shm_path):
         return _agreed(lambda: _inspect(path, db_header, None))
-    if sys.platform != "linux" or _open_in_process(path):
-        return None
-    try:
-        fd = os.open(shm_path, os.O_RDONLY)  # no lock of this process is on it (checked above)
-    except OSError:
-        return None
-    try:
-        if _locked_elsewhere(fd):
+    from ._sqlite import open_here, path_lock
+
+    real = os.path.realpath(path)
+    with path_lock(real):  # no thread of this process connects to the file meanwhile
+        if sys.platform != "linux" or open_here(real):
             return None
-        # The index first: a writer appends frames before it moves the index.
-        return _agreed(lambda: _inspect(path, db_header, _read_all(fd)))
-    finally:
-        os.close(fd)
+        try:
+            fd = os.open(shm_path, os.O_RDONLY)  # no lock of this process is on it (checked above)
+        except OSError:
+            return None
+        try:
+            if _locked_elsewhere(fd):
+                return None
+            # The index first: a writer appends frames before it moves the index.
+            return _agreed(lambda: _inspect(path, db_header, _read_all(fd)))
+        finally:
+            os.close(fd)
 
 
 def check_live(path: str, db_header: bytes | None) -> WalDamage | None:
