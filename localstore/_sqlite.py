@@ -279,9 +279,17 @@ def translate(exc: BaseException, store: str, action: str = "") -> LocalStoreErr
     return LocalStoreError(f"{store}: SQLite error{doing}: {exc}")
 
 
+#: How long ``begin_now`` waits for the write lock: long enough for another writer's commit to
+#: end, short enough that a reader with work it may skip (a vec0 catch-up) barely notices.
+BEGIN_NOW_WAIT_MS = 100
+
+
 def begin_now(conn: apsw.Connection, path: str, busy_timeout_ms: int) -> None:
-    """BEGIN IMMEDIATE without waiting: StoreBusyError at once if another connection holds the write lock."""
-    conn.set_busy_timeout(0)
+    """BEGIN IMMEDIATE without waiting long: StoreBusyError if another connection keeps the write lock.
+
+    ``busy_timeout_ms`` is the connection's own timeout, restored afterwards.
+    """
+    conn.set_busy_timeout(BEGIN_NOW_WAIT_MS)
     try:
         retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"), path=path, deadline_s=0)
     finally:

@@ -153,7 +153,7 @@ def _catch_up(coll: Collection, field: str) -> int | None:
     Inside a transaction the catch-up joins it (and is rolled back with it). Outside,
     a few waiting rows are scanned beside the index, exactly, so a reader writes
     nothing; more are caught up in a write transaction of their own, unless another
-    connection holds the write lock at that moment (the query does not wait for it)
+    connection keeps the write lock (the query waits at most ``BEGIN_NOW_WAIT_MS``)
     or the file is read-only.
     """
     store = coll.store
@@ -168,7 +168,7 @@ def _catch_up(coll: Collection, field: str) -> int | None:
     if count <= DEFAULT_PENDING_SCAN:
         return int(through)
     try:
-        # Not waiting: a writer in another process may hold the lock for a long time, and
+        # Not waiting long: a writer in another process may hold the lock for a long time, and
         # scanning the waiting rows beside the index gives the same answer, only slower.
         with store.transaction(_wait=False):  # which reloads the schema if another process changed it
             coll._derived.vectors[field].catch_up(store._db)
