@@ -116,6 +116,8 @@ def keys_source(source: Any, store: Store, master: bytes | None) -> Store | None
 
     live = source if isinstance(source, Store) else Store(source, key=master, create=False)
     if live.id != store.id:
+        if live is not source:
+            live.close()
         raise StoreOpenError(
             f"keys_from={live.path} is store {live.id}, but {store.path} is a copy of store {store.id}; "
             "pass the live store this backup was taken from"

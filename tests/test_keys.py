@@ -300,6 +300,13 @@ def test_keys_from_must_be_the_same_store(tmp_path: Path) -> None:
         a.backup(tmp_path / "a-copy.db")
         with pytest.raises(ls.StoreOpenError, match="copy of store"):
             ls.open(tmp_path / "a-copy.db", key=KEY, keys_from=b)
+        import apsw
+
+        b_path = os.path.realpath(tmp_path / "b.db")
+        before = sum(c.filename == b_path for c in apsw.connections())
+        with pytest.raises(ls.StoreOpenError, match="copy of store"):
+            ls.open(tmp_path / "a-copy.db", key=KEY, keys_from=tmp_path / "b.db")
+        assert sum(c.filename == b_path for c in apsw.connections()) == before  # the one it opened is closed
         with ls.open(tmp_path / "a-copy.db", key=KEY, keys_from=tmp_path / "a.db") as copy:
             assert copy.collection("notes").get("n0") == _rows(1)[0]
 
