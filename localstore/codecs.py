@@ -362,6 +362,8 @@ class RowCodec:
             for name, field in order
         ]
         self.subjects = any(c.encrypt for c in self.fields.values())
+        #: The fields some codec field takes its subject (its encryption key) from, sorted.
+        self.subject_fields = tuple(sorted({c.subject for c in self.fields.values() if c.subject}))
 
     def encoder(self, name: str) -> Callable[[Any, Any, dict[str, Any]], bytes]:
         """The function the generated row encoder calls for one codec field."""

@@ -575,9 +575,13 @@ class KeyRing:
         return None if row is None else str(row[0])
 
 
-def checkpoint_truncate(store: Store) -> bool:
-    """Checkpoint the WAL and truncate it, so destroyed key bytes leave the WAL; False if readers blocked it."""
-    with contextlib.suppress(apsw.Error):
+def checkpoint_truncate(store: Store, action: str) -> bool:
+    """Checkpoint the WAL and truncate it, so destroyed key bytes leave the WAL; False if readers blocked it.
+
+    Holds the store's lock, with its background checkpointer (if any) held off: SQLite
+    refuses a second checkpoint rather than wait for the first.
+    """
+    with store._lock, store._wal_idle(), boundary(store.path, action), contextlib.suppress(apsw.Error):
         row = store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         return row is not None and row[0] == 0
     return False
@@ -590,6 +594,5 @@ def rotate(store: Store, new_master: str | bytes) -> int:
     with store.transaction():
         count = store._keys.rewrap(new)
     store._keys.commit_rewrap()
-    with store._lock, store._wal_idle(), boundary(store.path, "checkpointing after a key rotation"):
-        checkpoint_truncate(store)
+    checkpoint_truncate(store, "checkpointing after a key rotation")
     return count

@@ -358,20 +358,21 @@ class Store:
     def _all_or_nothing(self) -> Iterator[Store]:
         """A ``transaction()`` whose nested blocks open no savepoints of their own (for the kits).
 
-        Only for code that lets every error out: a nested block's partial writes are then
-        undone with the whole block. Code that catches an error inside and goes on (an
-        importer skipping a bad row) must use ``transaction()``.
+        Only for code that lets every error out, which undoes the whole block; code that catches
+        an error inside and goes on (an importer skipping a bad row) must use ``transaction()``.
         """
         with self.transaction():
-            outer = self._flat_from
-            self._flat_from, self._flat_failed = outer or self._depth, self._flat_failed and bool(outer)
+            if self._flat_from:  # inside another one, which does the checking
+                yield self
+                return
+            self._flat_from, self._flat_failed = self._depth, False
             try:
                 yield self
-                if self._flat_failed and not outer:
+                if self._flat_failed:
                     raise LocalStoreError(f"store {self.path}: an error inside an all-or-nothing block was caught "
                                           "and ignored; the whole block was rolled back")
             finally:
-                self._flat_from = outer
+                self._flat_from = 0
 
     def _reload_after_rollback(self) -> None:
         """Bring cached collections back in line with the file after a rollback undid schema work."""
@@ -522,9 +523,9 @@ class Store:
         self._outside_transaction("forget")
         with self.transaction():
             count = self._keys.forget(subject)
-        with self._lock, self._wal_idle(), boundary(self.path, "checkpointing after forget"):
+        with self._lock, boundary(self.path, "checkpointing after forget"):
             self._db.execute("PRAGMA secure_delete=OFF")
-            checkpoint_truncate(self)
+        checkpoint_truncate(self, "checkpointing after forget")
         return count > 0
 
     def _wal_idle(self) -> contextlib.AbstractContextManager[object]:

@@ -59,9 +59,11 @@ def update_rows(coll: Collection, items: list[tuple[Any, Any]]) -> int:
         db = store._db
         checked = [(coll._check_key(key), _check_changes(coll, key, changes)) for key, changes in items]
         codec = coll._codec
-        if codec is not None and not _touches_codec(codec, {n for _, values in checked for n in values}):
-            codec = None  # no encrypted or compressed field changes, and no field they take their key from
-        subjects = _subjects(codec) if codec is not None else ()
+        if codec is not None:
+            changed = {n for _, values in checked for n in values}
+            if changed.isdisjoint(codec.fields) and changed.isdisjoint(codec.subject_fields):
+                codec = None  # no encrypted or compressed field changes, and no field they take their key from
+        subjects = codec.subject_fields if codec is not None else ()
         with boundary(store.path, f"updating {coll.name!r}"):
             found = _current(coll, db, list(dict.fromkeys(k for k, _ in checked)), subjects)
         missing = [k for k, _ in checked if k not in found]
@@ -114,16 +116,6 @@ def _check_changes(coll: Collection, key: Any, changes: Any) -> dict[str, Any]:
     if not out:
         raise ValidationError(f"{where}: update was given only the key; pass the fields to change")
     return out
-
-
-def _subjects(codec: Any) -> tuple[str, ...]:
-    """The fields some codec field takes its subject (its encryption key) from, sorted."""
-    return tuple(sorted({c.subject for c in codec.fields.values() if c.subject}))
-
-
-def _touches_codec(codec: Any, names: set[str]) -> bool:
-    """Whether an update of these fields needs the codec: one is encrypted or compressed, or is a subject."""
-    return not names.isdisjoint(codec.fields) or not names.isdisjoint(_subjects(codec))
 
 
 @functools.lru_cache(maxsize=256)

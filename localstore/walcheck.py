@@ -215,18 +215,6 @@ def inspect(path: str, wal: bytes, db_header: bytes | None = None, shm: bytes | 
 # through SQLite's own descriptor (found in /proc/self/fd). The -wal file carries no locks.
 
 
-def _open_in_process(path: str) -> bool:
-    """Whether an apsw connection of this process may have the database ``path`` open.
-
-    Every apsw connection is known by file from its creation (``_sqlite.open_here``);
-    one busy in another thread counts as open: better to skip the check than to drop
-    its locks.
-    """
-    from ._sqlite import open_here
-
-    return open_here(os.path.realpath(path))
-
-
 def _own_descriptor(path: str) -> int | None:
     """A descriptor this process already has open on ``path`` (e.g. SQLite's), or None."""
     try:

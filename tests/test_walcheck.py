@@ -21,8 +21,14 @@ import pytest
 
 import localstore as ls
 from localstore import walcheck
+from localstore._sqlite import open_here
 
 FIELDS = {"k": ls.Integer(), "pad": ls.Blob()}
+
+
+def open_in_process(path: str) -> bool:
+    """Whether the WAL check counts the store at ``path`` as open in this process (and so skips it)."""
+    return open_here(os.path.realpath(path))
 
 
 def synthetic_wal(pages: list[bytes], commits: set[int], *, big_endian: bool, salts: tuple[int, int] = (7, 9)) -> bytes:
@@ -330,9 +336,9 @@ def test_open_while_other_connections_are_busy_in_other_threads(tmp_path: Path) 
         for t in threads:
             t.start()
         running.wait()
-        assert walcheck._open_in_process(str(tmp_path / "raw.db"))  # busy in another thread: open
-        assert walcheck._open_in_process(str(tmp_path / "other.db"))
-        assert not walcheck._open_in_process(str(crashed))  # neither is on this file
+        assert open_in_process(str(tmp_path / "raw.db"))  # busy in another thread: open
+        assert open_in_process(str(tmp_path / "other.db"))
+        assert not open_in_process(str(crashed))  # neither is on this file
         with ls.open(crashed) as store:  # and the open goes through, its WAL checked
             assert store.collection("t").count() == 90
     finally:
@@ -341,7 +347,7 @@ def test_open_while_other_connections_are_busy_in_other_threads(tmp_path: Path) 
             t.join()
         busy_store.close()
         raw.close()
-    assert not walcheck._open_in_process(str(crashed))
+    assert not open_in_process(str(crashed))
 
 
 def test_which_files_count_as_open_in_this_process(tmp_path: Path) -> None:
@@ -351,20 +357,20 @@ def test_which_files_count_as_open_in_this_process(tmp_path: Path) -> None:
     stores = [ls.open(tmp_path / f"s{i}.db") for i in range(3)]
     linked = tmp_path / "link.db"
     linked.symlink_to(tmp_path / "s1.db")
-    assert walcheck._open_in_process(str(tmp_path / "s0.db"))
-    assert walcheck._open_in_process(str(linked))  # the same file under another name
-    assert not walcheck._open_in_process(str(tmp_path / "other.db"))
+    assert open_in_process(str(tmp_path / "s0.db"))
+    assert open_in_process(str(linked))  # the same file under another name
+    assert not open_in_process(str(tmp_path / "other.db"))
     raw = apsw.Connection(str(tmp_path / "raw.db"))
-    assert walcheck._open_in_process(str(tmp_path / "raw.db"))
-    assert not walcheck._open_in_process(str(tmp_path / "other.db"))  # raw connections asked one by one
+    assert open_in_process(str(tmp_path / "raw.db"))
+    assert not open_in_process(str(tmp_path / "other.db"))  # raw connections asked one by one
     raw.close()
     del raw
-    assert walcheck._open_in_process(str(tmp_path / "s2.db"))
+    assert open_in_process(str(tmp_path / "s2.db"))
     kept = stores[2]._db  # a closed connection still referenced (by a kept traceback, say) counts for nothing
     stores[2].close()
-    assert not walcheck._open_in_process(str(tmp_path / "s2.db"))
+    assert not open_in_process(str(tmp_path / "s2.db"))
     raw = apsw.Connection(str(tmp_path / "raw.db"))  # ... and hides no raw connection
-    assert walcheck._open_in_process(str(tmp_path / "raw.db"))
+    assert open_in_process(str(tmp_path / "raw.db"))
     raw.close()
     del kept
     for store in stores:
@@ -376,8 +382,9 @@ def test_a_raw_connection_made_before_localstore_was_imported_is_known(tmp_path:
     script = textwrap.dedent("""
         import sys, apsw
         raw = apsw.Connection(sys.argv[1])
-        from localstore import walcheck
-        print(walcheck._open_in_process(sys.argv[1]), walcheck._open_in_process(sys.argv[1] + ".other"))
+        import os
+        from localstore._sqlite import open_here
+        print(open_here(os.path.realpath(sys.argv[1])), open_here(os.path.realpath(sys.argv[1] + ".other")))
     """)
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "raw.db")], check=True, env=subprocess_env,
                          capture_output=True, text=True).stdout
