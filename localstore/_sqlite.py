@@ -41,6 +41,9 @@ DEFAULT_CACHE_KIB = 32_768
 
 DURABILITY = {"normal": "NORMAL", "full": "FULL"}
 
+#: SQLite's VFS for Unix files, which shares descriptors (and their locks) between its users.
+_UNIX_VFS = "unix"
+
 T = TypeVar("T")
 
 
@@ -294,6 +297,36 @@ def begin_now(conn: apsw.Connection, path: str, busy_timeout_ms: int) -> None:
         retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"), path=path, deadline_s=0)
     finally:
         conn.set_busy_timeout(busy_timeout_ms)
+
+
+def read_header(path: str) -> bytes | None:
+    """The first 100 bytes of the file (SQLite's header; fewer if it is shorter), or None if there is no file.
+
+    Read through SQLite's unix VFS where there is one, not a descriptor of our own: closing
+    that would drop every POSIX lock this process holds on the file, among them the shared
+    lock each of its open connections keeps (which tells other processes the WAL is in
+    use). SQLite keeps its descriptor open, for reuse, until those locks are gone.
+    """
+    if _UNIX_VFS not in apsw.vfs_names():
+        try:
+            with open(path, "rb") as stream:
+                return stream.read(100)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreOpenError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        handle = apsw.VFSFile(_UNIX_VFS, path, [apsw.SQLITE_OPEN_MAIN_DB | apsw.SQLITE_OPEN_READONLY, 0])
+    except apsw.Error as exc:
+        if not os.path.exists(path):
+            return None
+        raise StoreOpenError(f"cannot read {path}: {exc}") from None
+    try:
+        return bytes(handle.xRead(min(100, handle.xFileSize()), 0))
+    except apsw.Error as exc:
+        raise StoreOpenError(f"cannot read {path}: {exc}") from None
+    finally:
+        handle.xClose()
 
 
 def retry_busy(fn: Callable[[], T], *, path: str, deadline_s: float = DEFAULT_BUSY_DEADLINE_S) -> T:

@@ -48,6 +48,7 @@ on cold gets, which is why this module uses the C shim and not a Python one.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import threading
 from collections.abc import Callable
@@ -55,7 +56,7 @@ from typing import Any
 
 import apsw
 
-from ._sqlite import create_private_file
+from ._sqlite import create_private_file, read_header
 from .errors import LocalStoreError, StoreOpenError
 
 #: The name cksumvfs registers itself under.
@@ -132,8 +133,10 @@ def passes_through(vfs: str | None) -> bool:
 
 def reserve_bytes(path: str | os.PathLike[str]) -> int | None:
     """The reserved bytes per page of a SQLite file (8: checksummed), or None if it has no header yet."""
-    with open(path, "rb") as fh:
-        header = fh.read(100)
+    where = os.fspath(path)
+    header = read_header(where)  # not Python's open(): its close would drop this process's locks on the file
+    if header is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), where)
     if len(header) < 100 or not header.startswith(b"SQLite format 3\x00"):
         return None
     return header[_RESERVE_OFFSET]

@@ -10,7 +10,6 @@ fresh insert costs no second copy of the data.
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -21,8 +20,9 @@ import numpy as np
 
 from ._sqlite import boundary, quote, scalar
 from .derived import DerivedIndexes
+from .encoders import compile_encoders
 from .errors import ValidationError
-from .fields import Field, Integer, Real, Text, Vector, raise_bad_text
+from .fields import Field, Integer, raise_bad_text
 from .query import check_limit, compile_fields, compile_order, compile_where
 from .schema import CollectionSchema
 
@@ -42,12 +42,6 @@ _CHECK_BYTES = 4 << 20
 
 #: Below this, SQLite numbers new rows max(rowid) + 1; at 2**63 - 1 it would pick random rowids.
 _SEQUENTIAL_ROWIDS = 2**62
-
-
-@functools.lru_cache(maxsize=256)
-def _compiled(source: str) -> Any:
-    """Compile generated encoder source once per process; stores with the same schema share it."""
-    return compile(source, "<localstore encoder>", "exec")
 
 
 class _SchemaMoved(Exception):
@@ -122,6 +116,10 @@ class Collection:
         self._sql_put_logged = f"{upsert}; {log}"
         self._sql_insert = insert
         self._sql_insert_logged = f"{insert}; {log}"
+        self._sql_insert_one = f"{insert} RETURNING rowid"
+        self._sql_insert_one_logged = f"{insert} RETURNING rowid; {log}"
+        #: SQLite numbers the rows (max + 1), as for every key but an Integer one, which is the rowid.
+        self._numbered = not isinstance(schema.fields[schema.key], Integer)
         self._sql_select = f"SELECT {cols} FROM {table}"
         self._sql_get = f"{self._sql_select} WHERE {kcol} = ?"
         self._sql_delete = f"DELETE FROM {table} WHERE {kcol} = ? RETURNING rowid"
@@ -163,65 +161,10 @@ class Collection:
     # -- encoding -----------------------------------------------------------------------
 
     def _compile_encoders(self) -> None:
-        """Generate the per-row encoders for this schema.
-
-        ``put_many`` is the hot path: a generated function with one inlined type
-        check per field costs a fraction of a generic loop. Field names are
-        validated identifiers and appear only as string literals.
-        """
-        lines = [
-            "def encode(row, seq, hlc):",
-            "    if type(row) is not dict: row = as_dict(row)",
-            "    if not field_set.issuperset(row): bad_row(row)",
-        ]
-        env: dict[str, Any] = {"field_set": self._field_set, "bad_row": self._bad_row, "as_dict": self._as_dict,
-                               "ndarray": np.ndarray, "f32": np.dtype("<f4")}
-        self._fast_vectors: list[tuple[int, str, Vector]] = []
-        # A value passing its fast test is stored as is; anything else goes through encode().
-        fast = {Text: "type({v}) is not str", Real: "(type({v}) is not float or {v} != {v})", Integer: "(type({v}) is not int or not -9223372036854775808 <= {v} <= 9223372036854775807)"}
-        names = []
-        codec = None
-        if any(f.encrypt or f.compress for f in self._fields.values()):
-            # encrypt/compress fields: encoded after validation, see codecs.py
-            from .codecs import RowCodec
-
-            codec = RowCodec(self, [(n, f) for n, f, _, _ in self._plan])
-        self._codec = codec
-        for i, (name, field, default, nullable) in enumerate(self._plan):
-            v = f"v{i}"
-            names.append(v)
-            env[f"f{i}"], env[f"d{i}"] = field, default
-            lines.append(f"    {v} = row.get({name!r}, d{i})")
-            test = fast[type(field)].format(v=v) if type(field) in fast else ""
-            if type(field) is Vector and field.metric != "fisher_rao":
-                # A float32 array of the right shape is stored as its bytes; its values are
-                # checked finite for the whole batch at once (see _check_vectors).
-                env[f"s{i}"] = (field.dim,)
-                bytes_or_encode = (f"{v}.tobytes() if type({v}) is ndarray and {v}.dtype == f32 and {v}.shape == s{i} "
-                                   f"else f{i}.encode({v})")
-                if not nullable:
-                    lines.append(f"    if {v} is None: missing({name!r})")
-                    lines.append(f"    {v} = {bytes_or_encode}")
-                else:
-                    lines.append(f"    if {v} is not None: {v} = {bytes_or_encode}")
-                self._fast_vectors.append((i, name, field))
-            elif name == self.key or not nullable:
-                lines.append(f"    if {v} is None: missing({name!r})")
-                lines.append(f"    {'if ' + test + ': ' if test else ''}{v} = f{i}.encode({v})")
-            else:
-                lines.append(f"    if {test + ' and ' if test else ''}{v} is not None: {v} = f{i}.encode({v})")
-            if codec is not None and name in codec.fields:
-                env[f"c{i}"] = codec.encoder(name)
-                lines.append(f"    if {v} is not None: {v} = c{i}({v}, v0, row)")
-        env["missing"] = self._missing
-        values = ", ".join(names)
-        logged = "\n".join(lines + [f"    return ({values}, seq, hlc, seq, hlc, v0)"])
-        plain = "\n".join(lines + [f"    return ({values}, None, hlc)"])
-        scope: dict[str, Any] = {}
-        exec(_compiled(logged), env, scope)  # noqa: S102
-        self._encode_logged = scope["encode"]
-        exec(_compiled(plain), env, scope)  # noqa: S102
-        self._encode_plain = scope["encode"]
+        """Generate the per-row encoders for this schema (see ``encoders.py``)."""
+        built = compile_encoders(self)
+        self._encode_logged, self._encode_plain = built.logged, built.plain
+        self._fast_vectors, self._codec = built.fast_vectors, built.codec
 
     def _as_dict(self, row: Any) -> dict[str, Any]:
         if not isinstance(row, Mapping):
@@ -309,19 +252,22 @@ class Collection:
                 self._check_vectors(rows, bindings)
             with boundary(store.path, f"writing to {self.name!r}"):
                 derived = not self._derived.empty
-                # Rows that get a rowid above the current maximum are new: nothing to replace
-                # in their derived indexes.
-                old_max = scalar(store._db, f"SELECT max(rowid) FROM {self._schema.table}") or 0 if derived else 0
                 try:
-                    done = self._insert_fresh(bindings, logged) if len(bindings) >= _INSERT_FIRST else 0
-                    if done < len(bindings):
-                        store._db.executemany(self._sql_put_logged if logged else self._sql_put,
-                                              bindings[done:] if done else bindings)
+                    # One row with indexes to keep: a plain INSERT tells its rowid, and that it is new.
+                    new = self._insert_one(bindings[0], logged) if derived and self._numbered and len(bindings) == 1 else None
+                    if new is None:
+                        # Rows that get a rowid above the current maximum are new: nothing to replace
+                        # in their derived indexes.
+                        old_max = scalar(store._db, f"SELECT max(rowid) FROM {self._schema.table}") or 0 if derived else 0
+                        done = self._insert_fresh(bindings, logged) if len(bindings) >= _INSERT_FIRST else 0
+                        if done < len(bindings):
+                            store._db.executemany(self._sql_put_logged if logged else self._sql_put,
+                                                  bindings[done:] if done else bindings)
                 except UnicodeEncodeError:
                     self._raise_bad_text(bindings)
                     raise
                 if derived:
-                    rowids = self._rowids_of(bindings, old_max)
+                    rowids, old_max = ([new], new - 1) if new is not None else (self._rowids_of(bindings, old_max), old_max)
                     self._derived.write(store._db, rowids, bindings, old_max)
                     fpos = self._filter_positions
                     for name, pos in self._vector_positions.items():
@@ -329,6 +275,18 @@ class Collection:
                             store._vectors.note(
                                 self.name, name, [(r, b[pos], tuple(b[p] for p in fpos)) for r, b in zip(rowids, bindings)]
                             )
+
+    def _insert_one(self, binding: tuple[Any, ...], logged: bool) -> int | None:
+        """Insert one row with a new key and return its rowid; None, having written nothing, if the key exists.
+
+        Only for collections whose rows SQLite numbers (``_numbered``): the rowid is then
+        the largest before plus one, so every row below it was there already.
+        """
+        try:
+            found = self.store._db.execute(self._sql_insert_one_logged if logged else self._sql_insert_one, binding).fetchall()
+        except apsw.ConstraintError:
+            return None  # the upsert that follows replaces the row (or raises any other constraint failure again)
+        return int(found[0][0])  # type: ignore[arg-type]
 
     def _insert_fresh(self, bindings: list[tuple[Any, ...]], logged: bool) -> int:
         """Write rows with plain INSERTs until one's key exists; return how many were written.

@@ -259,6 +259,10 @@ class Boolean(Field):
         return bool(stored)
 
 
+#: Json's encoder, made once: ``json.dumps`` with options builds a new encoder per call (a third of its time).
+_JSON_TEXT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
 class Json(Field):
     """Any JSON-representable value (dict, list, str, number, bool), stored as compact JSON text."""
 
@@ -268,7 +272,7 @@ class Json(Field):
 
     def encode(self, value: Any) -> Any:
         try:
-            return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+            return _JSON_TEXT(value)
         except (TypeError, ValueError) as exc:
             raise self._fail(f"a JSON-representable value ({exc})", value) from None
 

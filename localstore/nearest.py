@@ -170,7 +170,7 @@ def _catch_up(coll: Collection, field: str) -> int | None:
     try:
         # Not waiting long: a writer in another process may hold the lock for a long time, and
         # scanning the waiting rows beside the index gives the same answer, only slower.
-        with store.transaction(_wait=False):  # which reloads the schema if another process changed it
+        with store._transaction(wait=False):  # which reloads the schema if another process changed it
             coll._derived.vectors[field].catch_up(store._db)
     except (StoreBusyError, ReadOnlyStoreError):
         return int(through)

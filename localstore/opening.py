@@ -9,7 +9,6 @@ connection before anything can change the file.
 
 from __future__ import annotations
 
-import builtins
 import logging
 import os
 import shutil
@@ -20,7 +19,7 @@ import apsw
 from . import checksums as checksums_mod
 from . import schema as schema_mod
 from . import walcheck
-from ._sqlite import create_private_file, translate
+from ._sqlite import create_private_file, read_header, translate
 from .errors import CorruptStoreError, StoreOpenError
 
 if TYPE_CHECKING:
@@ -58,17 +57,6 @@ def _check_wal(path: str, header: bytes, wal_damage: str) -> None:
     shutil.copyfile(f"{path}-wal", target)
     os.chmod(target, 0o600)
     log.warning("%s; a copy of the WAL is kept at %s", damage.describe(), target)
-
-
-def read_header(path: str) -> bytes | None:
-    """The first 100 bytes of the file (SQLite's header; fewer if it is shorter), or None if there is no file."""
-    try:
-        with builtins.open(path, "rb") as handle:
-            return handle.read(100)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise StoreOpenError(f"cannot read {path}: {exc.strerror}") from None
 
 
 def prepare_file(

@@ -11,6 +11,7 @@ carries ``_ls_seq`` (the change that last wrote it) and ``_ls_hlc`` (when).
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from dataclasses import dataclass, field
@@ -66,7 +67,7 @@ class CollectionSchema:
     def __post_init__(self) -> None:
         self.columns = tuple(self.fields)
 
-    @property
+    @functools.cached_property
     def table(self) -> str:
         """The quoted table name."""
         return quote(self.name)

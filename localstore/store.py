@@ -31,6 +31,7 @@ from ._sqlite import (
     check_vfs,
     connect,
     pack_values,
+    read_header,
     retry_busy,
     scalar,
 )
@@ -101,19 +102,14 @@ class Store:
         check_vfs(vfs, self.path)  # before the file is created, so a typo leaves nothing behind
         if os.path.isdir(self.path):
             raise StoreOpenError(f"{self.path} is a directory; a store is a single file, e.g. {self.path}/agent.db")
-        vfs, use_checksums = opening.prepare_file(
-            self.path, vfs=vfs, checksums=checksums, create=create, wal_damage=wal_damage
-        )
+        vfs, use_checksums = opening.prepare_file(self.path, vfs=vfs, checksums=checksums, create=create, wal_damage=wal_damage)
         self.durability = durability
         self.vfs = vfs
         self._busy_timeout_ms = busy_timeout_ms
         self._lock = threading.RLock()
         self._conn: apsw.Connection | None = connect(
-            self.path,
-            durability=durability,
-            busy_timeout_ms=busy_timeout_ms,
+            self.path, durability=durability, busy_timeout_ms=busy_timeout_ms, vfs=vfs,
             check=lambda conn: opening.check_file(conn, self.path, use_checksums),
-            vfs=vfs,
         )
         try:
             with boundary(self.path, "opening"):
@@ -275,18 +271,22 @@ class Store:
 
     # -- transactions ----------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def transaction(self, *, _wait: bool = True) -> Iterator[Store]:
+    def transaction(self) -> contextlib.AbstractContextManager[Store]:
         """An atomic block over any number of collections; nests through savepoints.
 
         Any exception (including KeyboardInterrupt) rolls the block back and is
         re-raised. Other threads using this store object wait until it ends.
         """
+        return self._transaction(wait=True)
+
+    @contextlib.contextmanager
+    def _transaction(self, *, wait: bool) -> Iterator[Store]:
+        """``transaction()``; ``wait=False`` waits only ``BEGIN_NOW_WAIT_MS`` for another writer, then raises ``StoreBusyError``."""
         with self._lock:
             db = self._db
             if self._depth == 0:
                 with boundary(self.path, "starting a write transaction"):
-                    if _wait:
+                    if wait:
                         retry_busy(lambda: db.execute("BEGIN IMMEDIATE"), path=self.path)
                     else:
                         begin_now(db, self.path, self._busy_timeout_ms)
@@ -447,7 +447,7 @@ class Store:
         from .maintenance import verify
 
         report = verify(self)
-        damage = walcheck.check_live(self.path, opening.read_header(self.path))
+        damage = walcheck.check_live(self.path, read_header(self.path))
         if damage is not None:
             report.problems.append(f"{damage.describe()}; readers see unchecked frames: restore from a backup")
         return report
@@ -480,7 +480,6 @@ class Store:
             if not self._depth:
                 retry_busy(self._refresh_schemas, path=self.path)
             return retry_busy(lambda: fn(db), path=self.path)
-
 
     # -- keys: rotation, re-encryption, forgetting (see keys.py and docs/privacy.md) ------------
 

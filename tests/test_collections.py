@@ -283,6 +283,8 @@ def test_transaction_spans_collections_atomically(store: ls.Store) -> None:
         b.delete("2")
         raise RuntimeError("boom")
     assert a.keys() == ["1"] and b.keys() == ["2"]
+    with pytest.raises(TypeError):  # the public block takes no options (the reader's short wait is internal)
+        store.transaction(_wait=False)  # type: ignore[call-arg]
 
 
 def test_rollback_leaves_no_rows_and_no_change_records(store: ls.Store) -> None:

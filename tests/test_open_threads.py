@@ -315,6 +315,36 @@ def test_threads_churn_opens_beside_a_long_lived_handle_and_a_writer_process(tmp
         assert report.ok, str(report)
 
 
+def db_file_locks(path: Path) -> list[str]:
+    """This process's POSIX locks on the store file itself (``start-end`` ranges from ``/proc/locks``)."""
+    inode, me = os.stat(path).st_ino, str(os.getpid())
+    with open("/proc/locks") as handle:
+        return [f"{f[6]}-{f[7]}" for f in (line.split() for line in handle)
+                if "->" not in f and len(f) >= 8 and f[4] == me and int(f[5].rsplit(":", 1)[1]) == inode]
+
+
+def test_opening_and_verifying_again_keeps_the_open_handles_lock_on_the_file(tmp_path: Path) -> None:
+    """Reading the store's header (at every open, and in verify) must not drop SQLite's shared lock on the file.
+
+    A WAL-mode connection holds a shared lock on the database file for its whole life; it is
+    how a closing connection elsewhere learns the WAL is still in use. A descriptor of the
+    file opened and closed by Python would drop it for every connection of this process.
+    """
+    path = tmp_path / "s.db"
+    held = ls.open(path)
+    numbers(held, "c").put({"id": "a", "v": 1})
+    before = db_file_locks(path)
+    assert before, "an open WAL-mode connection holds a shared lock on the file"
+    for _ in range(3):
+        ls.open(path).close()
+        assert db_file_locks(path) == before
+    assert held.verify().ok
+    assert db_file_locks(path) == before
+    numbers(held, "c").put({"id": "b", "v": 2})
+    held.close()
+    assert db_file_locks(path) == []
+
+
 # -- the child process ------------------------------------------------------------------------
 
 

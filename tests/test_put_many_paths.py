@@ -66,3 +66,38 @@ def test_a_failed_batch_writes_nothing(tmp_path: Path) -> None:
     assert ([(r["id"], r["n"]) for r in coll.find()], store.changelog.last_seq()) == before
     assert store.verify().ok
     store.close()
+
+
+@pytest.mark.parametrize("sync", [True, False])
+@pytest.mark.parametrize("key", [ls.Text, ls.Integer])
+def test_single_puts_new_replacing_and_reusing_the_top_rowid(tmp_path: Path, sync: bool, key: Any) -> None:
+    """A put of one row into a collection with indexes: a new key (a plain INSERT that tells its rowid),
+    an existing key (the INSERT fails, the upsert replaces), and a new key taking a deleted top row's rowid."""
+    store = ls.open(tmp_path / "s.db")
+    coll = declare(store, sync, key)
+    name = (lambda i: f"k{i}") if key is ls.Text else (lambda i: i)
+    for i in range(5):
+        coll.put(row(name(i), i))
+    assert coll.nearest("v", np.full(4, 1, dtype=np.float32), k=1, engine="vec0")[0].key == name(0)  # indexes all 5
+    coll.put(row(name(2), 50))  # replaces an indexed row: its old vec0 and FTS entries must go
+    coll.delete(name(4))  # the top rowid; the next new Text key is given it again
+    coll.put(row(name(9), 9))
+    coll.put(row(name(10), 10))
+    expected = {name(0): 0, name(1): 1, name(2): 50, name(3): 3, name(9): 9, name(10): 10}
+    assert {r["id"]: r["n"] for r in coll.find()} == expected
+    for engine in ("cache", "vec0"):
+        assert [h.key for h in coll.nearest("v", np.full(4, 51, dtype=np.float32), k=2, engine=engine)] == [name(2), name(10)]
+        # name(2)'s old vector (3, 3, 3, 3) would be nearest here if its entry had stayed behind.
+        assert coll.nearest("v", np.full(4, 3.1, dtype=np.float32), k=1, engine=engine)[0].key == name(3)
+    assert [h.key for h in coll.search(text="word50", k=3)] == [name(2)]
+    assert coll.search(text="word2", k=3) == []  # the replaced row's old text is gone from FTS
+    assert [h.key for h in coll.search(text="word9", k=3)] == [name(9)]
+    report = store.verify()
+    assert report.ok, report.problems
+    if sync:
+        puts = [(c.key, coll.decode_payload(c.payload)["n"]) for c in store.changelog.changes() if c.op == "put"]
+        assert puts == [(name(i), i) for i in range(5)] + [(name(2), 50), (name(9), 9), (name(10), 10)]
+    store.close()
+    again = ls.open(tmp_path / "s.db")
+    assert {r["id"]: r["n"] for r in again.collection("docs").find()} == expected
+    again.close()
