@@ -19,7 +19,8 @@ reported as skipped: its figures carry ``skipped`` and a reason, never an error.
   ``save_checkpoints``, as separate figures), and a plain collection ``put`` of the
   same ``encode_state`` bytes (on a store set up as the headline's); throughput and the file size afterwards. Every side
   serialises the state inside the timed loop, one call (and one commit) per
-  checkpoint except the batched figure.
+  checkpoint except the batched figure. The kit's rows written by hand-made apsw
+  statements (``_ckpt_raw.py``) give the floor of its layout without the collection layer.
 - postgres: telemetry rows written straight to Postgres with psycopg, row by row
   (autocommit) and with COPY, against our local ``record_telemetry`` /
   ``record_telemetry_many`` and the background sync's drain of the same rows.
@@ -327,6 +328,7 @@ CKPT_FIGURES = [
     ("ckpt.auto_vs_langgraph", "checkpoint puts, kit with SQLite's own WAL checkpoints / SqliteSaver (speed)", "x", None, None),
     ("ckpt.batch_vs_langgraph", "checkpoint puts, kit save_checkpoints batches / SqliteSaver (speed)", "x", None, None),
     ("ckpt.cpu_vs_langgraph", "CPU time per checkpoint put: ours (telemetry kit) / SqliteSaver", "x", None, None),
+    ("ckpt.raw_vs_langgraph", "checkpoint puts, the kit's rows as raw apsw statements / SqliteSaver (speed)", "x", None, None),
 ]
 #: Checkpoints per ``save_checkpoints`` call in the batched figure (an agent saving every step, flushing every 10).
 CKPT_BATCH = 10
@@ -359,7 +361,7 @@ def bench_checkpoints(report: Report, scratch: Scratch, sizes: Sizes) -> None:
     base_mod = None
     if saver_mod is not None:
         base_mod, why = _try_import("langgraph.checkpoint.base")
-    sizes_on_disk: dict[str, list[int]] = {"ours": [], "langgraph": [], "plain": [], "auto": [], "batch": []}
+    sizes_on_disk: dict[str, list[int]] = {"ours": [], "langgraph": [], "plain": [], "auto": [], "batch": [], "raw": []}
 
     def kit_setup(name: str, wal_checkpoint: str) -> Callable[[], tuple[str, Any, Any]]:
         def setup() -> tuple[str, Any, Any]:
@@ -379,6 +381,16 @@ def bench_checkpoints(report: Report, scratch: Scratch, sizes: Sizes) -> None:
             if i % per == 0:
                 sid = tm.start_session()
             tm.save_checkpoint(sid, phi=0.5 + (i % 97) / 200, kappa=64.0, regime="geometric", state_dict=s)
+
+    def raw_run(state: tuple[str, Any, Any]) -> None:
+        from _ckpt_raw import RawSaver
+
+        tm = state[2]
+        saver, sid = RawSaver(tm), None
+        for i, s in enumerate(states[:kit_n]):
+            if i % per == 0:
+                sid = tm.start_session()
+            saver.save(sid, 0.5 + (i % 97) / 200, s)
 
     def batch_run(state: tuple[str, Any, Any]) -> None:
         tm = state[2]
@@ -412,6 +424,10 @@ def bench_checkpoints(report: Report, scratch: Scratch, sizes: Sizes) -> None:
 
     def kit_teardown(kind: str) -> Callable[[tuple[str, Any, Any]], None]:
         def teardown(state: tuple[str, Any, Any]) -> None:
+            if kind == "raw":  # the hand-written statements must have kept the rows and change log consistent
+                report_ = state[1].verify()
+                if not report_.ok:
+                    raise RuntimeError(f"peers checkpoints: the raw statement plan left {report_.problems}")
             state[1].close()
             sizes_on_disk[kind].append(sum(os.path.getsize(state[0] + s) for s in ("", "-wal") if os.path.exists(state[0] + s)))
             Scratch.remove(state[0])
@@ -436,7 +452,9 @@ def bench_checkpoints(report: Report, scratch: Scratch, sizes: Sizes) -> None:
              Case("ckpt.ours_auto", ours_run, kit_setup("ckpt-auto", "auto"), kit_teardown("auto"), items=kit_n, unit="put",
                   label="ours: Telemetry.save_checkpoint, SQLite's own WAL checkpoints (the default)"),
              Case("ckpt.ours_batch", batch_run, kit_setup("ckpt-batch", "background"), kit_teardown("batch"), items=kit_n,
-                  unit="put", label=f"ours: Telemetry.save_checkpoints, {CKPT_BATCH} per call, wal_checkpoint='background'")]
+                  unit="put", label=f"ours: Telemetry.save_checkpoints, {CKPT_BATCH} per call, wal_checkpoint='background'"),
+             Case("ckpt.raw", raw_run, kit_setup("ckpt-raw", "background"), kit_teardown("raw"), items=kit_n, unit="put",
+                  label="the kit's rows written by raw apsw statements (benchmarks/_ckpt_raw.py), wal_checkpoint='background'")]
 
     def lg_setup() -> tuple[str, Any, Any]:
         path = scratch.path("ckpt-langgraph")
@@ -470,8 +488,8 @@ def bench_checkpoints(report: Report, scratch: Scratch, sizes: Sizes) -> None:
     except Exception as exc:  # noqa: BLE001
         log(f"peers checkpoints: LangGraph failed ({exc!r}); ours alone")
         why, saver_mod = f"failed: {type(exc).__name__}: {exc}", None
-        sizes_on_disk = {"ours": [], "langgraph": [], "plain": [], "auto": [], "batch": []}
-        report.add(*measure(cases[:4], sizes.ckpt_repeat, progress="peers checkpoints (ours)"))
+        sizes_on_disk = {"ours": [], "langgraph": [], "plain": [], "auto": [], "batch": [], "raw": []}
+        report.add(*measure(cases[:5], sizes.ckpt_repeat, progress="peers checkpoints (ours)"))
     ours_t, plain_t = report.timings["ckpt.ours"], report.timings["ckpt.plain"]
     # per checkpoint, since the kit may run fewer puts (whole threads of the same length) in --quick
     ours_kb = sizes_on_disk["ours"][-1] / 1e3 / kit_n
@@ -493,7 +511,7 @@ def bench_checkpoints(report: Report, scratch: Scratch, sizes: Sizes) -> None:
                          ours=f"{plain_t.rate:,.0f} puts/s", peers={"SqliteSaver": f"{lg_t.rate:,.0f} puts/s"}))
     report.figure(Figure(*CKPT_FIGURES[3][:2], plain_kb / lg_kb, "x", *CKPT_FIGURES[3][3:],
                          ours=f"{plain_kb:,.1f} KB/checkpoint", peers={"SqliteSaver": f"{lg_kb:,.1f} KB/checkpoint"}))
-    for fig, key in ((CKPT_FIGURES[4], "ckpt.ours_auto"), (CKPT_FIGURES[5], "ckpt.ours_batch")):
+    for fig, key in ((CKPT_FIGURES[4], "ckpt.ours_auto"), (CKPT_FIGURES[5], "ckpt.ours_batch"), (CKPT_FIGURES[7], "ckpt.raw")):
         rate = report.timings[key].rate
         report.figure(Figure(*fig[:2], rate / lg_t.rate, "x", *fig[3:],
                              ours=f"{rate:,.0f} puts/s", peers={"SqliteSaver": f"{lg_t.rate:,.0f} puts/s"}))

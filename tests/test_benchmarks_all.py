@@ -19,7 +19,7 @@ PEER_FIGURES = [
     "chroma.recall", "chroma.recall_filtered",
     "insert.vs_lancedb", "knn.vs_lancedb", "knn_third.vs_lancedb", "knn_rare.vs_lancedb",
     "ckpt.ours_rate", "ckpt.ours_kb", "ckpt.plain_rate", "ckpt.vs_langgraph", "ckpt.size_vs_langgraph",
-    "ckpt.plain_vs_langgraph", "ckpt.plain_size_vs_langgraph",
+    "ckpt.plain_vs_langgraph", "ckpt.plain_size_vs_langgraph", "ckpt.cpu_vs_langgraph", "ckpt.raw_vs_langgraph",
     "pg.single_vs_rowwise", "pg.batch_vs_copy", "pg.sync_vs_copy",
 ]
 BENCHMARKS = ["codecs", "peers", "store", "sync", "vectors"]
