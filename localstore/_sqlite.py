@@ -7,8 +7,10 @@ no raw apsw error (and no bare "database is locked") reaches a caller.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import stat
 import threading
 import time
 import weakref
@@ -307,19 +309,21 @@ def read_header(path: str) -> bytes | None:
     lock each of its open connections keeps (which tells other processes the WAL is in
     use). SQLite keeps its descriptor open, for reuse, until those locks are gone.
     """
-    if _UNIX_VFS not in apsw.vfs_names():
-        try:
+    try:
+        if _UNIX_VFS not in apsw.vfs_names():
             with open(path, "rb") as stream:
                 return stream.read(100)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise StoreOpenError(f"cannot read {path}: {exc.strerror}") from None
+        if stat.S_ISDIR(os.stat(path).st_mode):  # no descriptor: what is wrong, in the system's words
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if not os.access(path, os.R_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StoreOpenError(f"cannot read {path}: {exc.strerror}") from None
     try:
         handle = apsw.VFSFile(_UNIX_VFS, path, [apsw.SQLITE_OPEN_MAIN_DB | apsw.SQLITE_OPEN_READONLY, 0])
     except apsw.Error as exc:
-        if not os.path.exists(path):
-            return None
         raise StoreOpenError(f"cannot read {path}: {exc}") from None
     try:
         return bytes(handle.xRead(min(100, handle.xFileSize()), 0))

@@ -116,10 +116,10 @@ class Collection:
         self._sql_put_logged = f"{upsert}; {log}"
         self._sql_insert = insert
         self._sql_insert_logged = f"{insert}; {log}"
+        # One row into a collection with derived indexes: what is there first, then an INSERT or the upsert.
+        self._sql_probe = f"SELECT max(rowid), (SELECT rowid FROM {table} WHERE {kcol} = ?) FROM {table}"
         self._sql_insert_one = f"{insert} RETURNING rowid"
         self._sql_insert_one_logged = f"{insert} RETURNING rowid; {log}"
-        #: SQLite numbers the rows (max + 1), as for every key but an Integer one, which is the rowid.
-        self._numbered = not isinstance(schema.fields[schema.key], Integer)
         self._sql_select = f"SELECT {cols} FROM {table}"
         self._sql_get = f"{self._sql_select} WHERE {kcol} = ?"
         self._sql_delete = f"DELETE FROM {table} WHERE {kcol} = ? RETURNING rowid"
@@ -253,9 +253,9 @@ class Collection:
             with boundary(store.path, f"writing to {self.name!r}"):
                 derived = not self._derived.empty
                 try:
-                    # One row with indexes to keep: a plain INSERT tells its rowid, and that it is new.
-                    new = self._insert_one(bindings[0], logged) if derived and self._numbered and len(bindings) == 1 else None
-                    if new is None:
+                    if derived and len(bindings) == 1:
+                        rowids, old_max = self._put_one(bindings[0], logged)
+                    else:
                         # Rows that get a rowid above the current maximum are new: nothing to replace
                         # in their derived indexes.
                         old_max = scalar(store._db, f"SELECT max(rowid) FROM {self._schema.table}") or 0 if derived else 0
@@ -263,11 +263,11 @@ class Collection:
                         if done < len(bindings):
                             store._db.executemany(self._sql_put_logged if logged else self._sql_put,
                                                   bindings[done:] if done else bindings)
+                        rowids = self._rowids_of(bindings, old_max) if derived else []
                 except UnicodeEncodeError:
                     self._raise_bad_text(bindings)
                     raise
                 if derived:
-                    rowids, old_max = ([new], new - 1) if new is not None else (self._rowids_of(bindings, old_max), old_max)
                     self._derived.write(store._db, rowids, bindings, old_max)
                     fpos = self._filter_positions
                     for name, pos in self._vector_positions.items():
@@ -276,17 +276,19 @@ class Collection:
                                 self.name, name, [(r, b[pos], tuple(b[p] for p in fpos)) for r, b in zip(rowids, bindings)]
                             )
 
-    def _insert_one(self, binding: tuple[Any, ...], logged: bool) -> int | None:
-        """Insert one row with a new key and return its rowid; None, having written nothing, if the key exists.
+    def _put_one(self, binding: tuple[Any, ...], logged: bool) -> tuple[list[int], int]:
+        """Write one row of a collection with derived indexes; return ``[its rowid]`` and the largest rowid before.
 
-        Only for collections whose rows SQLite numbers (``_numbered``): the rowid is then
-        the largest before plus one, so every row below it was there already.
+        One probe tells both, so a new row takes a plain INSERT and an existing one the
+        upsert, with no second look (``_rowids_of``) afterwards.
         """
-        try:
-            found = self.store._db.execute(self._sql_insert_one_logged if logged else self._sql_insert_one, binding).fetchall()
-        except apsw.ConstraintError:
-            return None  # the upsert that follows replaces the row (or raises any other constraint failure again)
-        return int(found[0][0])  # type: ignore[arg-type]
+        db = self.store._db
+        old_max, existing = db.execute(self._sql_probe, (binding[0],)).fetchone()  # type: ignore[misc]
+        if existing is None:
+            found = db.execute(self._sql_insert_one_logged if logged else self._sql_insert_one, binding).fetchall()
+            return [int(found[0][0])], int(old_max or 0)  # type: ignore[arg-type]
+        db.execute(self._sql_put_logged if logged else self._sql_put, binding)
+        return [int(existing)], int(old_max or 0)
 
     def _insert_fresh(self, bindings: list[tuple[Any, ...]], logged: bool) -> int:
         """Write rows with plain INSERTs until one's key exists; return how many were written.

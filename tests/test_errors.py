@@ -241,6 +241,17 @@ def test_missing_file_with_create_false_is_store_open_error(tmp_path: Path) -> N
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("make", "says"), [
+    (lambda d: (d / "file").touch() or d / "file" / "agent.db", "Not a directory"),
+    (lambda d: d / ("a" * 300 + ".db"), "File name too long"),
+    (lambda d: (d / "loop").symlink_to(d / "loop") or d / "loop", "Too many levels of symbolic links"),
+])
+def test_unreadable_store_paths_say_why(tmp_path: Path, make: Any, says: str) -> None:
+    """The store header is read without a descriptor of ours; a path it cannot take still gets the system's reason."""
+    with pytest.raises(ls.StoreOpenError, match=says):
+        ls.open(make(tmp_path))
+
+
 def test_symlinked_store_path_is_refused(tmp_path: Path) -> None:
     real = tmp_path / "real.db"
     _make_store(real, rows=1)

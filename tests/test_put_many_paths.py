@@ -71,8 +71,8 @@ def test_a_failed_batch_writes_nothing(tmp_path: Path) -> None:
 @pytest.mark.parametrize("sync", [True, False])
 @pytest.mark.parametrize("key", [ls.Text, ls.Integer])
 def test_single_puts_new_replacing_and_reusing_the_top_rowid(tmp_path: Path, sync: bool, key: Any) -> None:
-    """A put of one row into a collection with indexes: a new key (a plain INSERT that tells its rowid),
-    an existing key (the INSERT fails, the upsert replaces), and a new key taking a deleted top row's rowid."""
+    """A put of one row into a collection with indexes (one probe, then an INSERT or the upsert): a new key,
+    an existing key whose old index entries must go, and a new key taking a deleted top row's rowid."""
     store = ls.open(tmp_path / "s.db")
     coll = declare(store, sync, key)
     name = (lambda i: f"k{i}") if key is ls.Text else (lambda i: i)
