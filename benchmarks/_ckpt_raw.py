@@ -12,9 +12,9 @@ what the layout itself costs (three tables, their indexes, the change log, the p
 checksums, the state's compression).
 
 A benchmark tool, not an API: it skips the checks the kit makes (a session that exists,
-a checkpoint id not saved before) and must run on a store whose vector indexes have no
-rows to keep in step (true here: nothing reads them while the benchmark runs). The
-store's ``verify()`` after a run confirms the rows and change log it wrote are consistent.
+a checkpoint id not saved before), and its rows wait above the vector index's high-water
+mark as the kit's new rows do. The store's ``verify()`` after a run confirms the rows and
+change log it wrote are consistent.
 """
 
 from __future__ import annotations
@@ -40,6 +40,12 @@ class RawSaver:
                        f"INSERT INTO _ls_changes(seq, hlc, coll, key, op) VALUES(?, ?, {ck._schema.id}, ?, 1)")
         self.holders = f'SELECT "checkpoint_id", "phi", "created_at" FROM {ck._schema.table} WHERE "session_id" = ? AND "is_best" = 1'
         self.wal = tm.store._wal
+        # Rows above a vec0 index's high-water mark wait for its next catch-up, as the kit's fresh rows
+        # do; a mark is set here if none is yet, so the rows written below are indexed when next read.
+        with tm.store.transaction():
+            for index in ck._derived.vectors.values():
+                if index.high_water(self.db) is None:
+                    index.set_high_water(self.db, int(self.db.execute(f"SELECT coalesce(max(rowid), 0) FROM {ck._schema.table}").fetchone()[0]))
 
     def save(self, session_id: str, phi: float, state: dict[str, Any]) -> str:
         """Save one new checkpoint of ``session_id`` (kappa 64, regime "geometric", as the benchmark's kit calls)."""
@@ -48,10 +54,13 @@ class RawSaver:
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
-            seq, hlc = db.execute(
-                "SELECT (SELECT value FROM _ls_meta WHERE key='last_seq'), (SELECT max(hlc) FROM _ls_changes)"
+            # The change-log position, as Store._allocate reads it (the newest record's clock, not a scan).
+            seq, last, floor = db.execute(
+                "SELECT (SELECT value FROM _ls_meta WHERE key='last_seq'),"
+                " (SELECT hlc FROM _ls_changes ORDER BY seq DESC LIMIT 1),"
+                " (SELECT value FROM _ls_meta WHERE key='hlc_floor')"
             ).fetchone()
-            seq, hlc = int(seq or 0), clock.next_hlc(int(hlc or 0))
+            seq, hlc = int(seq or 0), clock.next_hlc(max(int(last or 0), int(floor or 0)))
             holders = db.execute(self.holders, (session_id,)).fetchall()
             best = all(phi > h[1] or (phi == h[1] and now < h[2]) for h in holders)
             row = {"checkpoint_id": cid, "session_id": session_id, "phi": phi, "kappa": 64.0, "regime": "geometric",
