@@ -25,6 +25,7 @@ from typing import Any
 
 from localstore import clock
 from localstore.kits.telemetry import Telemetry, encode_state
+from localstore.store import CHANGE_LOG_POSITION
 
 
 class RawSaver:
@@ -54,12 +55,7 @@ class RawSaver:
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
-            # The change-log position, as Store._allocate reads it (the newest record's clock, not a scan).
-            seq, last, floor = db.execute(
-                "SELECT (SELECT value FROM _ls_meta WHERE key='last_seq'),"
-                " (SELECT hlc FROM _ls_changes ORDER BY seq DESC LIMIT 1),"
-                " (SELECT value FROM _ls_meta WHERE key='hlc_floor')"
-            ).fetchone()
+            seq, last, floor = db.execute(CHANGE_LOG_POSITION).fetchone()  # as Store._allocate reads it
             seq, hlc = int(seq or 0), clock.next_hlc(max(int(last or 0), int(floor or 0)))
             holders = db.execute(self.holders, (session_id,)).fetchall()
             best = all(phi > h[1] or (phi == h[1] and now < h[2]) for h in holders)

@@ -425,9 +425,9 @@ def bench_checkpoints(report: Report, scratch: Scratch, sizes: Sizes) -> None:
     def kit_teardown(kind: str) -> Callable[[tuple[str, Any, Any]], None]:
         def teardown(state: tuple[str, Any, Any]) -> None:
             if kind == "raw":  # the hand-written statements must have kept the rows and change log consistent
-                report_ = state[1].verify()
-                if not report_.ok:
-                    raise RuntimeError(f"peers checkpoints: the raw statement plan left {report_.problems}")
+                check = state[1].verify()
+                if not check.ok:
+                    raise RuntimeError(f"peers checkpoints: the raw statement plan left {check.problems}")
             state[1].close()
             sizes_on_disk[kind].append(sum(os.path.getsize(state[0] + s) for s in ("", "-wal") if os.path.exists(state[0] + s)))
             Scratch.remove(state[0])

@@ -53,6 +53,10 @@ if TYPE_CHECKING:
     from .collection import Collection
     from .maintenance import StoreStats, VerifyReport
 
+#: The change log's last seq, its newest record's clock and the clock floor (read once per transaction).
+CHANGE_LOG_POSITION = ("SELECT (SELECT value FROM _ls_meta WHERE key='last_seq'), (SELECT hlc FROM _ls_changes "
+                       "ORDER BY seq DESC LIMIT 1), (SELECT value FROM _ls_meta WHERE key='hlc_floor')")
+
 
 @dataclass
 class _TxState:
@@ -410,11 +414,7 @@ class Store:
         db = self._db
         if tx.last_seq is None:
             with boundary(self.path, "reading the change-log position"):
-                row = db.execute(
-                    "SELECT (SELECT value FROM _ls_meta WHERE key='last_seq'),"
-                    " (SELECT hlc FROM _ls_changes ORDER BY seq DESC LIMIT 1),"
-                    " (SELECT value FROM _ls_meta WHERE key='hlc_floor')"
-                ).fetchone() or (None, None, None)
+                row = db.execute(CHANGE_LOG_POSITION).fetchone() or (None, None, None)
             tx.last_seq = tx.stored_seq = int(row[0] or 0)
             tx.last_hlc = max(int(row[1] or 0), int(row[2] or 0), self._clock_last)
         first_hlc = clock.next_hlc(tx.last_hlc)

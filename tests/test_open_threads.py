@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _workers import result_of, wait_ready
 
 import localstore as ls
 
@@ -151,18 +152,6 @@ def start_child(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def wait_until(ready: Path, child: subprocess.Popen[str]) -> None:
-    """Wait for the child to touch ``ready``; fail with its output if it exits first."""
-    deadline = time.monotonic() + WAIT_S
-    while not ready.exists():
-        if child.poll() is not None:
-            out, err = child.communicate()
-            raise AssertionError(f"the child exited with {child.returncode} before it was ready:\n{out}\n{err}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the child was not ready within {WAIT_S}s")
-        time.sleep(0.005)
-
-
 def stop_child(child: subprocess.Popen[str], stop: Path) -> None:
     """Ask the child to stop (it then checks its rows and reports); kill it if it has not ended within ``WAIT_S``."""
     stop.touch()
@@ -170,16 +159,6 @@ def stop_child(child: subprocess.Popen[str], stop: Path) -> None:
         child.wait(timeout=WAIT_S)
     except subprocess.TimeoutExpired:
         child.kill()
-
-
-def child_result(child: subprocess.Popen[str]) -> dict[str, Any]:
-    """Wait for the child and parse its ``RESULT`` line; fail with its output if there is none."""
-    out, err = child.communicate(timeout=WAIT_S)
-    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
-    if child.returncode != 0 or not lines:
-        raise AssertionError(f"the child exited with {child.returncode} and no result:\n{out[-3000:]}\n{err[-3000:]}")
-    result: dict[str, Any] = json.loads(lines[-1][len("RESULT "):])
-    return result
 
 
 def test_threads_opening_one_store_at_once_keep_their_locks(tmp_path: Path, subprocess_env: dict[str, str],
@@ -199,7 +178,8 @@ def test_threads_opening_one_store_at_once_keep_their_locks(tmp_path: Path, subp
     local = threading.local()
     in_check = [threading.Event() for _ in range(ROUNDS)]
     holds = held_shm_check(monkeypatch, path, local, in_check)
-    ready, stop = tmp_path / "ready", tmp_path / "stop"
+    go, stop = tmp_path / "go", tmp_path / "stop"
+    ready = Path(f"{go}.ready-cycler")  # what _workers.wait_ready looks for
     child = start_child(["cycler", str(path), str(ready), str(stop), str(CHILD_PUTS_PER_OPEN)], subprocess_env)
     acked: list[list[str]] = [[] for _ in range(THREADS)]
     unlocked: list[str] = []
@@ -225,11 +205,11 @@ def test_threads_opening_one_store_at_once_keep_their_locks(tmp_path: Path, subp
                     unlocked.append(f"thread {t}, round {i}")
 
     try:
-        wait_until(ready, child)
+        wait_ready(go, ["cycler"], [child], WAIT_S)
         errors = run_threads(THREADS, work, start)
     finally:
         stop_child(child, stop)
-    result = child_result(child)
+    result = result_of(child, WAIT_S)
     assert not errors, f"{len(errors)} thread(s) failed; first:\n{errors[0]}"
     assert not unlocked, f"this process lost its lock on the shm while a store was open: {unlocked[:5]}"
     assert holds[0] > 0, "no leader's open read the -shm of a live WAL: the test did not set up the race"
@@ -260,7 +240,8 @@ def test_threads_churn_opens_beside_a_long_lived_handle_and_a_writer_process(tmp
         mine = numbers(main, "main")
         numbers(main, "threads")
         numbers(main, "child")
-        ready, stop = tmp_path / "ready", tmp_path / "stop"
+        go, stop = tmp_path / "go", tmp_path / "stop"
+        ready = Path(f"{go}.ready-cycler")
         child = start_child(["cycler", str(path), str(ready), str(stop), str(CHILD_PUTS_PER_OPEN)], subprocess_env)
         acked: list[list[str]] = [[] for _ in range(THREADS)]
         done = threading.Event()
@@ -285,7 +266,7 @@ def test_threads_churn_opens_beside_a_long_lived_handle_and_a_writer_process(tmp
         main_acked = 0
         unlocked = 0
         try:
-            wait_until(ready, child)
+            wait_ready(go, ["cycler"], [child], WAIT_S)
             churner = threading.Thread(target=churn, daemon=True)
             churner.start()
             while not done.is_set():  # the long-lived handle writes while the threads churn
@@ -295,7 +276,7 @@ def test_threads_churn_opens_beside_a_long_lived_handle_and_a_writer_process(tmp
             churner.join(WAIT_S)
         finally:
             stop_child(child, stop)
-        result = child_result(child)
+        result = result_of(child, WAIT_S)
         assert not errors, f"{len(errors)} thread(s) failed; first:\n{errors[0]}"
         assert unlocked == 0, f"this process lost its lock on the shm {unlocked} time(s) while the handle was open"
         assert result["errors"] == [], "the child failed:\n" + "\n".join(result["errors"])
